@@ -1,0 +1,37 @@
+"""Configuration in one place: the cluster vocabulary, thresholds and defaults."""
+
+from __future__ import annotations
+
+#: Pattern families a kernel can be assigned to (section 4.2 and 5 of the paper).
+#: A label may carry a finer subtype after a slash, e.g. ``first-derivative/left``.
+CLUSTERS: tuple[str, ...] = (
+    "on-centre",
+    "off-centre",
+    "on-cross",
+    "off-cross",
+    "first-derivative",
+    "second-derivative",
+    "on-square",
+    "off-square",
+    "other",
+)
+
+#: Label of a kernel whose best cosine dissimilarity is above the spectrum's threshold.
+UNCLUSTERED = "unclustered"
+#: Label of a kernel with NaN/Inf entries or no variation at all (all-zero, constant).
+INVALID = "invalid"
+
+#: Kernel sizes that ship with a pretrained spectrum.
+SUPPORTED_KERNEL_SIZES: tuple[int, ...] = (3, 5, 7)
+
+#: Thresholds on cosine dissimilarity used by the paper (section 4.2).
+PAPER_THRESHOLDS: dict[int, float] = {7: 0.3, 5: 0.2}
+
+#: Largest share of spatially shuffled real kernels a shipped threshold may call clustered.
+NULL_FALSE_POSITIVE_RATE = 0.03
+
+#: Number of codes decoded on [0, 1] for a spectrum (section 4.2 uses 10,000).
+DEFAULT_N_CODES = 10_000
+
+#: Seed of every reproducible step (pretraining, labelling, calibration).
+DEFAULT_SEED = 0
