@@ -1,0 +1,222 @@
+"""Find the depthwise convolutions of a model, state dict or checkpoint and copy out their kernels."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from kernelwatch.errors import KernelWatchError
+
+logger = logging.getLogger("kernelwatch")
+
+#: Keys under which training scripts commonly nest the state dict in a checkpoint.
+_CHECKPOINT_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state_dict", "module", "net")
+#: Attributes through which torch.compile, FSDP1 and activation checkpointing hold the real model.
+_WRAPPER_ATTRS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+#: Why a depthwise Conv3d is left out.
+_NOT_2D = "3-D depthwise convolution (weight {shape}); only 2-D kernels are analysed"
+#: Wrappers that hold the real model as ``.module``.
+_DATA_PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+if torch.distributed.is_available():
+    from torch.distributed.fsdp import FullyShardedDataParallel as _FSDP
+    from torch.distributed.tensor import DTensor as _DTensor
+else:  # builds without distributed support can hold neither FSDP wrappers nor DTensors
+    _FSDP = _DTensor = ()
+
+
+class DepthwiseKernels(OrderedDict[str, torch.Tensor]):
+    """Layer name -> float32 CPU kernels ``[C, k, k]``, in registration order.
+
+    ``dilated`` maps the names of dilated layers (kept, analysed on their k x k weights) to
+    their dilation; ``unsupported`` maps the names of depthwise layers left out to the reason.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dilated: dict[str, tuple[int, int]] = {}
+        self.unsupported: dict[str, str] = {}
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """Whether ``module`` is a 2-D depthwise convolution (depth multiplier ``out / in >= 1``).
+
+    >>> is_depthwise(nn.Conv2d(8, 16, 3, groups=8)), is_depthwise(nn.Conv2d(8, 8, 3))
+    (True, False)
+    """
+    return isinstance(module, nn.Conv2d) and _one_group_per_channel(module)
+
+
+def _one_group_per_channel(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> bool:
+    channels = conv.in_channels
+    return channels > 1 and conv.groups == channels and conv.out_channels % channels == 0
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
+    """Load the state dict of a ``.pt``/``.pth``/``.bin`` checkpoint on CPU, without running pickled code.
+
+    A state dict nested under ``state_dict``, ``model``, ``model_state_dict``, ``module`` or
+    ``net`` is unwrapped; entries that are not tensors are dropped.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     torch.save({"state_dict": nn.Conv2d(4, 4, 3, groups=4).state_dict()}, f"{tmp}/ckpt.pt")
+    ...     sorted(load_checkpoint(f"{tmp}/ckpt.pt"))
+    ['bias', 'weight']
+    """
+    if not os.path.isfile(path):
+        raise KernelWatchError(f"checkpoint not found: {os.fspath(path)!r} is not an existing file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load reports corrupt files through many unrelated exception types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KernelWatchError(
+            f"cannot load checkpoint {os.fspath(path)!r}: corrupt, truncated or not a torch file ({reason})"
+        ) from exc
+    return _state_dict_of(content, f"checkpoint {os.fspath(path)!r}")
+
+
+def extract_depthwise(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str],
+) -> DepthwiseKernels:
+    """Copy the kernels of every depthwise convolution out of a model, state dict or checkpoint path.
+
+    Names are those of the bare model: ``module.``, ``_orig_mod.``, ``_fsdp_wrapped_module.``
+    and ``_checkpoint_wrapped_module.`` wrapper levels (DDP, ``torch.compile``, FSDP, activation
+    checkpointing) are left out. With FSDP (FSDP1 or FSDP2 ``fully_shard``) gathering the full
+    weights is a collective: every rank must call this, in the same order.
+
+    Without the model class, every floating ``[C, 1, k, k]`` entry (``C, k > 1``) whose key
+    ends in ``weight`` counts as depthwise. A state dict cannot tell dilation (``dilated`` stays
+    empty) nor a regular convolution with one input channel from a depthwise one.
+
+    Depthwise layers that cannot be analysed (non-square kernels, 1x1, 3-D convolutions) are
+    listed in ``.unsupported`` and logged in one WARNING. A model without depthwise convolutions
+    gives an empty result. NaN/Inf weights are returned as they are.
+
+    >>> model = nn.Sequential(nn.Conv2d(3, 3, 5, groups=3), nn.Conv2d(3, 8, 1))
+    >>> kernels = extract_depthwise(model)
+    >>> {name: tuple(k.shape) for name, k in kernels.items()}
+    {'0': (3, 5, 5)}
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        kernels = _from_module(model_or_state_dict)
+    elif isinstance(model_or_state_dict, (str, os.PathLike)):
+        kernels = _from_state_dict(load_checkpoint(model_or_state_dict))
+    elif isinstance(model_or_state_dict, Mapping):
+        kernels = _from_state_dict(_state_dict_of(model_or_state_dict, "state dict"))
+    else:
+        raise KernelWatchError(
+            "extract_depthwise expects an nn.Module, a state dict or a checkpoint path, "
+            f"got {type(model_or_state_dict).__name__}"
+        )
+    if kernels.unsupported:
+        logger.warning(
+            "%d depthwise layer(s) left out: %s",
+            len(kernels.unsupported),
+            "; ".join(f"{name or '<root>'}: {reason}" for name, reason in kernels.unsupported.items()),
+        )
+    return kernels
+
+
+def _from_module(model: nn.Module) -> DepthwiseKernels:
+    kernels = DepthwiseKernels()
+    has_fsdp1 = any(isinstance(module, _FSDP) for module in model.modules())
+    # FSDP1 holds flat shards between forward passes; the layers' weights exist only once gathered.
+    gathered = _FSDP.summon_full_params(model, writeback=False) if has_fsdp1 else nullcontext()
+    with gathered:
+        for name, module in _bare_named_modules(model):
+            if isinstance(module, nn.Conv3d) and _one_group_per_channel(module):
+                kernels.unsupported[name] = _NOT_2D.format(shape=list(module.weight.shape))
+            elif is_depthwise(module):
+                _add(kernels, name, module.weight)
+                if name in kernels and any(d > 1 for d in module.dilation):
+                    kernels.dilated[name] = tuple(module.dilation)
+    return kernels
+
+
+def _bare_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` with wrapper levels removed from the names."""
+    bare_names: dict[str, str] = {}
+    modules: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        modules[name] = module
+        parent, _, attr = name.rpartition(".")
+        if not name:
+            bare_names[name] = ""
+        elif attr in _WRAPPER_ATTRS or (attr == "module" and isinstance(modules[parent], _DATA_PARALLEL)):
+            bare_names[name] = bare_names[parent]
+        else:
+            bare_names[name] = f"{bare_names[parent]}.{attr}" if bare_names[parent] else attr
+        yield bare_names[name], module
+
+
+def _state_dict_of(content: object, source: str) -> Mapping[str, torch.Tensor]:
+    while isinstance(content, Mapping):
+        key = next((k for k in _CHECKPOINT_KEYS if isinstance(content.get(k), Mapping)), None)
+        if key is None:
+            break
+        content = content[key]
+    tensors = (
+        OrderedDict((k, v) for k, v in content.items() if isinstance(k, str) and isinstance(v, torch.Tensor))
+        if isinstance(content, Mapping)
+        else None
+    )
+    if not tensors:
+        found = f"keys {list(content)[:8]}" if isinstance(content, Mapping) else type(content).__name__
+        raise KernelWatchError(
+            f"{source} holds no tensors: expected a state dict (name -> tensor), possibly under one of "
+            f"{list(_CHECKPOINT_KEYS)}, got {found}"
+        )
+    return tensors
+
+
+def _from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> DepthwiseKernels:
+    kernels = DepthwiseKernels()
+    for key, weight in state_dict.items():
+        shape = weight.shape
+        per_channel = weight.ndim > 3 and shape[0] > 1 and shape[1] == 1 and shape[2:].numel() > 1
+        if not (key.endswith("weight") and weight.is_floating_point() and per_channel):
+            continue
+        name = _bare_key(key.removesuffix(".weight"))
+        if weight.ndim == 4:
+            _add(kernels, name, weight)
+        elif weight.ndim == 5:
+            kernels.unsupported[name] = _NOT_2D.format(shape=list(shape))
+    return kernels
+
+
+def _bare_key(name: str) -> str:
+    parts = name.split(".")
+    # DDP and DataParallel only ever add "module." in front; a "module" deeper is a real layer name.
+    while parts and (parts[0] in _WRAPPER_ATTRS or parts[0] == "module"):
+        parts.pop(0)
+    return ".".join(part for part in parts if part not in _WRAPPER_ATTRS)
+
+
+def _add(kernels: DepthwiseKernels, name: str, weight: torch.Tensor) -> None:
+    """Record one ``[C, 1, kh, kw]`` weight as kernels, or say why it cannot be analysed."""
+    kh, kw = weight.shape[2:]
+    if weight.is_meta:
+        kernels.unsupported[name] = f"weight {list(weight.shape)} is on the meta device and holds no values"
+    elif kh != kw:
+        kernels.unsupported[name] = (
+            f"non-square kernel {kh}x{kw} (weight {list(weight.shape)}); only k x k kernels are analysed"
+        )
+    elif kh == 1:
+        kernels.unsupported[name] = f"1x1 kernel (weight {list(weight.shape)}) has no spatial pattern"
+    else:
+        if isinstance(weight, _DTensor):
+            weight = weight.full_tensor()
+        # A copy, so the snapshot neither changes with training nor outlives gathered FSDP storage.
+        kernels[name] = (
+            weight.detach()
+            .to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+            .squeeze(1)
+        )
