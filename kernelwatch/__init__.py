@@ -1,3 +1,47 @@
-"""kernelwatch: classify depthwise-convolution kernels into DoG-family patterns."""
+"""kernelwatch: classify depthwise-convolution kernels into DoG-family patterns.
+
+>>> import kernelwatch as kw
+>>> kw.CLUSTERS[:2]
+('on-centre', 'off-centre')
+
+The public API is imported lazily, so ``import kernelwatch`` alone does not import torch
+(the TensorBoard plugin shares torch-free modules of this package).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from kernelwatch._config import CLUSTERS, INVALID, UNCLUSTERED
+from kernelwatch.errors import KernelWatchError
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "extract_depthwise": "kernelwatch.extraction",
+    "DepthwiseKernels": "kernelwatch.extraction",
+    "Spectrum": "kernelwatch.spectrum",
+    "ClassificationResult": "kernelwatch.classification",
+    "analyze": "kernelwatch.analysis",
+    "AnalysisReport": "kernelwatch.analysis",
+    "LayerReport": "kernelwatch.analysis",
+}
+_SUBMODULES = ("patterns", "init")
+
+__all__ = ["CLUSTERS", "INVALID", "UNCLUSTERED", "KernelWatchError", *_LAZY, *_SUBMODULES]
+
+if TYPE_CHECKING:
+    from kernelwatch import init, patterns
+    from kernelwatch.analysis import AnalysisReport, LayerReport, analyze
+    from kernelwatch.classification import ClassificationResult
+    from kernelwatch.extraction import DepthwiseKernels, extract_depthwise
+    from kernelwatch.spectrum import Spectrum
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"kernelwatch.{name}")
+    raise AttributeError(f"module 'kernelwatch' has no attribute {name!r}")

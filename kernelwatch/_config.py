@@ -29,6 +29,8 @@ PAPER_THRESHOLDS: dict[int, float] = {7: 0.3, 5: 0.2}
 
 #: Largest share of spatially shuffled real kernels a shipped threshold may call clustered.
 NULL_FALSE_POSITIVE_RATE = 0.03
+#: Largest share of i.i.d. Gaussian noise kernels a shipped threshold may call clustered.
+NOISE_FALSE_POSITIVE_RATE = 0.01
 
 #: Number of codes decoded on [0, 1] for a spectrum (section 4.2 uses 10,000).
 DEFAULT_N_CODES = 10_000

@@ -1,0 +1,155 @@
+"""Analyse every depthwise layer of a model or checkpoint against the shipped spectra.
+
+>>> import torch, kernelwatch as kw
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 5, groups=8), torch.nn.Conv2d(8, 4, 1))
+>>> report = kw.analyze(model)
+>>> [layer.name for layer in report.layers], report.layers[0].n_kernels
+(['0'], 8)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from kernelwatch._config import CLUSTERS, SUPPORTED_KERNEL_SIZES
+from kernelwatch.classification import ClassificationResult
+from kernelwatch.errors import KernelWatchError
+from kernelwatch.extraction import extract_depthwise
+from kernelwatch.metrics import cluster_proportions, total_activation
+from kernelwatch.spectrum import Spectrum
+
+
+@dataclass
+class LayerReport:
+    """One depthwise layer: how many kernels, how many clustered, and into what."""
+
+    name: str
+    kernel_size: int
+    n_kernels: int
+    n_invalid: int
+    clustered_fraction: float
+    proportions: dict[str, float]
+    total_activation: dict[str, dict[str, float]]
+    dilation: tuple[int, int] | None = None
+    result: ClassificationResult | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("result")
+        return out
+
+
+@dataclass
+class AnalysisReport:
+    """Per-layer reports plus the layers that could not be analysed and why."""
+
+    layers: list[LayerReport]
+    skipped: dict[str, str]
+
+    @property
+    def n_kernels(self) -> int:
+        return sum(layer.n_kernels for layer in self.layers)
+
+    @property
+    def clustered_fraction(self) -> float:
+        """The paper's per-model "Filters Clustered" figure (Table 1, appendix L)."""
+        clustered = sum(layer.clustered_fraction * layer.n_kernels for layer in self.layers)
+        return clustered / max(self.n_kernels, 1)
+
+    @property
+    def proportions(self) -> dict[str, float]:
+        total = max(self.n_kernels, 1)
+        return {
+            name: sum(layer.proportions[name] * layer.n_kernels for layer in self.layers) / total for name in CLUSTERS
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_kernels": self.n_kernels,
+            "clustered_fraction": self.clustered_fraction,
+            "proportions": self.proportions,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "skipped": self.skipped,
+        }
+
+    def format_table(self) -> str:
+        """A fixed-width table: one row per layer, proportions in percent, then the total."""
+        short = {
+            "on-centre": "on-c",
+            "off-centre": "off-c",
+            "on-cross": "on-x",
+            "off-cross": "off-x",
+            "first-derivative": "d1",
+            "second-derivative": "d2",
+            "on-square": "on-sq",
+            "off-square": "off-sq",
+            "other": "other",
+        }
+        width = max([len("layer"), *(len(layer.name) for layer in self.layers)])
+        head = f"{'layer':<{width}}  {'k':>2} {'kernels':>7} {'clust%':>6} " + " ".join(
+            f"{short[c]:>6}" for c in CLUSTERS
+        )
+        rows = [head, "-" * len(head)]
+        for layer in self.layers:
+            k = f"{layer.kernel_size}" + ("d" if layer.dilation else "")
+            rows.append(
+                f"{layer.name:<{width}}  {k:>2} {layer.n_kernels:>7} {100 * layer.clustered_fraction:>6.1f} "
+                + " ".join(f"{100 * layer.proportions[c]:>6.1f}" for c in CLUSTERS)
+            )
+        rows.append("-" * len(head))
+        rows.append(
+            f"{'all':<{width}}  {'':>2} {self.n_kernels:>7} {100 * self.clustered_fraction:>6.1f} "
+            + " ".join(f"{100 * self.proportions[c]:>6.1f}" for c in CLUSTERS)
+        )
+        for name, reason in self.skipped.items():
+            rows.append(f"skipped {name}: {reason}")
+        return "\n".join(rows)
+
+
+def analyze_layer(
+    name: str, kernels: torch.Tensor, spectrum: Spectrum, dilation: tuple[int, int] | None = None
+) -> LayerReport:
+    """Classify one layer's ``[C, k, k]`` kernels and summarise them."""
+    result = spectrum.classify(kernels)
+    array = kernels.detach().cpu().numpy()
+    return LayerReport(
+        name=name,
+        kernel_size=spectrum.kernel_size,
+        n_kernels=len(result),
+        n_invalid=int((~result.valid).sum()),
+        clustered_fraction=float(result.clustered.mean()) if len(result) else 0.0,
+        proportions=cluster_proportions(result.labels),
+        total_activation=total_activation(array, result.labels),
+        dilation=dilation,
+        result=result,
+    )
+
+
+def analyze(model_or_checkpoint: Any, spectra: dict[int, Spectrum] | None = None) -> AnalysisReport:
+    """Classify the kernels of every depthwise layer; layers of unsupported sizes are skipped
+    with the reason. Accepts what :func:`kernelwatch.extract_depthwise` accepts."""
+    layers = extract_depthwise(model_or_checkpoint)
+    skipped = dict(layers.unsupported)
+    if not layers and not skipped:
+        raise KernelWatchError(
+            "no depthwise convolutions found (nn.Conv2d with groups == in_channels > 1, "
+            "or [C, 1, k, k] weights in a checkpoint)"
+        )
+    spectra = dict(spectra or {})
+    reports = []
+    for name, kernels in layers.items():
+        k = kernels.shape[-1]
+        if k not in spectra:
+            if k not in SUPPORTED_KERNEL_SIZES:
+                skipped[name] = f"{k}x{k} kernels: no spectrum ships for this size (shipped: {SUPPORTED_KERNEL_SIZES})"
+                continue
+            spectra[k] = Spectrum.pretrained(kernel_size=k)
+        reports.append(analyze_layer(name, kernels, spectra[k], layers.dilated.get(name)))
+    if not reports:
+        raise KernelWatchError(
+            "no depthwise layer could be analysed: " + "; ".join(f"{n}: {r}" for n, r in skipped.items())
+        )
+    return AnalysisReport(reports, skipped)

@@ -1,0 +1,116 @@
+"""The ``kernelwatch`` command: ``analyze`` a checkpoint or timm model, ``pretrain`` a spectrum.
+
+Exit codes: 0 success, 2 bad input (with a one-line message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kernelwatch._config import DEFAULT_N_CODES, DEFAULT_SEED
+from kernelwatch.errors import KernelWatchError
+
+
+def _load_target(target: str, weights: str | None) -> Any:
+    """A checkpoint path, or ``timm:NAME`` built without downloading anything."""
+    if not target.startswith("timm:"):
+        if weights:
+            raise KernelWatchError("--weights only goes with a timm:NAME target")
+        return target
+    import timm
+
+    name = target[len("timm:") :]
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except (RuntimeError, ValueError) as err:
+        raise KernelWatchError(f"timm cannot build {name!r}: {err}") from err
+    if weights is None:
+        print(
+            f"note: {name} is randomly initialised (kernelwatch never downloads weights; "
+            "pass --weights FILE for trained ones)",
+            file=sys.stderr,
+        )
+        return model
+    from kernelwatch.extraction import load_checkpoint
+
+    missing, unexpected = model.load_state_dict(load_checkpoint(weights), strict=False)
+    if unexpected or missing:
+        raise KernelWatchError(
+            f"{weights} does not fit timm:{name}: {len(missing)} missing, {len(unexpected)} unexpected keys"
+        )
+    return model
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from kernelwatch.analysis import analyze
+
+    report = analyze(_load_target(args.target, args.weights))
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        print(report.format_table())
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from kernelwatch.pretrain import pretrain, pretrain_kmeans
+
+    output = Path(args.output or f"spectrum_k{args.kernel_size}.npz")
+
+    def log(message: str) -> None:
+        end = "" if message.startswith("\r") else "\n"
+        print(message, end=end, file=sys.stderr, flush=True)
+
+    if args.method == "kmeans":
+        pretrain_kmeans(args.kernel_size, output, seed=args.seed, log=log)
+    else:
+        pretrain(
+            args.kernel_size,
+            output,
+            epochs=args.epochs,
+            n_synthetic=args.synthetic,
+            n_codes=args.codes,
+            seed=args.seed,
+            log=log,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kernelwatch", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    analyze = commands.add_parser("analyze", help="classify the depthwise kernels of a checkpoint or timm model")
+    analyze.add_argument("target", help="checkpoint file (.pt/.pth/.bin) or timm:NAME")
+    analyze.add_argument("--weights", help="state dict to load into a timm:NAME model")
+    analyze.add_argument("--json", action="store_true", help="print the report as JSON")
+    analyze.set_defaults(run=_analyze)
+
+    pretrain = commands.add_parser("pretrain", help="train a spectrum (fetches the training weights with pip)")
+    pretrain.add_argument("--kernel-size", type=int, required=True, choices=(3, 5, 7))
+    pretrain.add_argument("--method", choices=("autoencoder", "kmeans"), default="autoencoder")
+    pretrain.add_argument("--output", help="spectrum file to write (default spectrum_k<K>.npz)")
+    pretrain.add_argument("--epochs", type=int, default=120)
+    pretrain.add_argument("--synthetic", type=int, default=40_000, help="synthetic kernels added to the real ones")
+    pretrain.add_argument("--codes", type=int, default=DEFAULT_N_CODES)
+    pretrain.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    pretrain.set_defaults(run=_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KernelWatchError as err:
+        print(f"kernelwatch {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The pretrained kernel-pattern spectrum: decoded prototypes along a 1-D code, with labels.
+
+A :class:`Spectrum` is what the autoencoder of section 4.1 leaves behind once trained: the
+kernels its decoder produces for ``n_codes`` codes evenly spaced on [0, 1], a label per code,
+and the cosine-dissimilarity threshold below which a kernel belongs to its nearest code.
+Spectra for 3x3, 5x5 and 7x7 kernels ship with the package and load offline.
+
+>>> import kernelwatch as kw
+>>> spec = kw.Spectrum.pretrained(kernel_size=5)
+>>> kernels, truth = kw.patterns.generate("off-centre", 100, 5, rng=0, noise=0.1)
+>>> res = spec.classify(kernels)
+>>> res.labels[:2].tolist(), bool(res.clustered.mean() > 0.9)
+(['off-centre', 'off-centre'], True)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernelwatch import patterns
+from kernelwatch._config import DEFAULT_SEED, SUPPORTED_KERNEL_SIZES
+from kernelwatch.classification import (
+    ClassificationResult,
+    PrototypeIndex,
+    as_kernel_tensor,
+    centre_and_normalise,
+    classify_unit,
+)
+from kernelwatch.errors import KernelWatchError
+
+#: Version of the spectrum file layout; bump on any incompatible change.
+SPECTRUM_FORMAT_VERSION = 1
+#: A decoded prototype gets a pattern name when some clean pattern of that family is at least
+#: this cosine-similar to it; otherwise it is "other".
+LABEL_MIN_SIMILARITY = 0.8
+#: Clean patterns per family and subtype drawn to label a spectrum.
+_LABEL_BANK_SIZE = 2000
+METHODS = ("autoencoder", "kmeans")
+
+
+def _hyperplane_basis(dim: int) -> torch.Tensor:
+    """Orthonormal basis ``[dim, dim - 1]`` of the hyperplane of zero-mean vectors."""
+    ones = torch.ones(dim, 1, dtype=torch.float64) / dim**0.5
+    q, _ = torch.linalg.qr(torch.cat([ones, torch.eye(dim, dtype=torch.float64)[:, : dim - 1]], dim=1))
+    return q[:, 1:].to(torch.float32)
+
+
+class KernelAutoencoder(nn.Module):
+    """The autoencoder of section 4.1: four hidden layers each way, a 1-D sigmoid code.
+
+    Inputs are centred unit kernels ``[N, k*k]``; with ``hyperplane=True`` they are first
+    expressed in an orthonormal basis of the zero-mean hyperplane (one dimension fewer).
+
+    >>> ae = KernelAutoencoder(kernel_size=3)
+    >>> ae.encode(torch.zeros(4, 9)).shape, ae.decode(torch.rand(4)).shape
+    (torch.Size([4]), torch.Size([4, 9]))
+    """
+
+    def __init__(self, kernel_size: int, hidden: tuple[int, ...] = (256, 128, 64, 32), hyperplane: bool = True):
+        super().__init__()
+        dim = kernel_size * kernel_size
+        self.kernel_size, self.hidden, self.hyperplane = kernel_size, tuple(hidden), hyperplane
+        basis = _hyperplane_basis(dim) if hyperplane else torch.eye(dim)
+        self.register_buffer("basis", basis)
+        width = basis.shape[1]
+        enc: list[nn.Module] = []
+        for a, b in zip((width, *hidden), hidden):
+            enc += [nn.Linear(a, b), nn.LeakyReLU(0.01)]
+        self.encoder = nn.Sequential(*enc, nn.Linear(hidden[-1], 1), nn.Sigmoid())
+        dec: list[nn.Module] = []
+        back = tuple(reversed(hidden))
+        for a, b in zip((1, *back), back):
+            dec += [nn.Linear(a, b), nn.LeakyReLU(0.01)]
+        self.decoder = nn.Sequential(*dec, nn.Linear(back[-1], width), nn.Tanh())
+
+    def encode(self, unit: torch.Tensor) -> torch.Tensor:
+        return self.encoder(unit @ self.basis).squeeze(1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.decoder(codes.reshape(-1, 1)) @ self.basis.T
+
+    def forward(self, unit: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(unit))
+
+
+def centred_cosine_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean of ``1 - cos`` between mean-centred rows: blind to ``a * x + b`` for ``a > 0``."""
+    rc = reconstruction - reconstruction.mean(dim=1, keepdim=True)
+    tc = target - target.mean(dim=1, keepdim=True)
+    return (1.0 - nn.functional.cosine_similarity(rc, tc, dim=1, eps=1e-8)).mean()
+
+
+def label_prototypes(prototypes: np.ndarray, seed: int = DEFAULT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Name each prototype after the most similar clean pattern of the pattern library.
+
+    Reproducible for a seed; no hand labelling. Returns ``(labels, similarity)``: the label is
+    ``family[/subtype]`` of the best match, or ``"other"`` below :data:`LABEL_MIN_SIMILARITY`.
+    """
+    k = prototypes.shape[-1]
+    bank, bank_labels = [], []
+    for family in patterns.FAMILIES:
+        if family.endswith("square") and k > patterns.MAX_SQUARE_KERNEL_SIZE:
+            continue
+        for subtype in patterns.SUBTYPES.get(family, (None,)):
+            kernels, names = patterns.generate(family, _LABEL_BANK_SIZE, k, rng=seed, subtype=subtype)
+            bank.append(kernels)
+            bank_labels.append(names)
+    bank_unit, _ = centre_and_normalise(torch.from_numpy(np.concatenate(bank)))
+    proto_unit, _ = centre_and_normalise(torch.from_numpy(prototypes.astype(np.float32)))
+    sim, best = (proto_unit @ bank_unit.T).max(dim=1)
+    names = np.concatenate(bank_labels)[best.numpy()]
+    labels = np.where(sim.numpy() >= LABEL_MIN_SIMILARITY, names, "other")
+    return labels.astype(str), sim.numpy()
+
+
+@dataclass
+class Spectrum:
+    """Labelled prototypes along the code axis and the threshold that decides membership."""
+
+    kernel_size: int
+    codes: np.ndarray
+    prototypes: np.ndarray
+    labels: np.ndarray
+    threshold: float
+    method: str = "autoencoder"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise KernelWatchError(f"unknown spectrum method {self.method!r}; expected one of {METHODS}")
+        n = len(self.codes)
+        if self.prototypes.shape != (n, self.kernel_size, self.kernel_size) or len(self.labels) != n:
+            raise KernelWatchError(
+                f"inconsistent spectrum: {n} codes, prototypes {self.prototypes.shape}, {len(self.labels)} labels"
+            )
+
+    # -- loading and saving -------------------------------------------------------------------
+
+    @classmethod
+    def pretrained(cls, kernel_size: int = 5, method: str = "autoencoder") -> Spectrum:
+        """Load the spectrum shipped for ``kernel_size`` (3, 5 or 7); no network involved."""
+        if kernel_size not in SUPPORTED_KERNEL_SIZES:
+            raise KernelWatchError(
+                f"no pretrained spectrum for {kernel_size}x{kernel_size} kernels; shipped sizes are "
+                f"{SUPPORTED_KERNEL_SIZES} (train one with `kernelwatch pretrain --kernel-size {kernel_size}`)"
+            )
+        if method not in METHODS:
+            raise KernelWatchError(f"unknown spectrum method {method!r}; expected one of {METHODS}")
+        name = f"spectrum_k{kernel_size}.npz" if method == "autoencoder" else f"kmeans_k{kernel_size}.npz"
+        resource = resources.files("kernelwatch") / "data" / name
+        if not resource.is_file():
+            raise KernelWatchError(f"the package ships no {method} spectrum for {kernel_size}x{kernel_size} kernels")
+        with resources.as_file(resource) as path:
+            return cls.load(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Spectrum:
+        """Read a spectrum file written by :meth:`save`."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}
+            header = json.loads(str(arrays.pop("header")))
+        except (OSError, ValueError, KeyError) as err:
+            raise KernelWatchError(f"cannot read spectrum file {path}: {err}") from err
+        if header.get("format_version") != SPECTRUM_FORMAT_VERSION:
+            raise KernelWatchError(
+                f"spectrum file {path} has format version {header.get('format_version')}, "
+                f"this kernelwatch reads version {SPECTRUM_FORMAT_VERSION}"
+            )
+        weights = {key[len("weights/") :]: value for key, value in arrays.items() if key.startswith("weights/")}
+        return cls(
+            kernel_size=header["kernel_size"],
+            codes=arrays["codes"],
+            prototypes=arrays["prototypes"],
+            labels=arrays["labels"].astype(str),
+            threshold=float(header["threshold"]),
+            method=header["method"],
+            provenance=header["provenance"],
+            weights=weights,
+            config=header["config"],
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the spectrum, its autoencoder weights and provenance to one ``.npz`` file."""
+        header = {
+            "format_version": SPECTRUM_FORMAT_VERSION,
+            "kernel_size": self.kernel_size,
+            "method": self.method,
+            "threshold": self.threshold,
+            "config": self.config,
+            "provenance": self.provenance,
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            np.savez_compressed(
+                f,
+                header=np.array(json.dumps(header)),
+                codes=self.codes.astype(np.float32),
+                prototypes=self.prototypes.astype(np.float32),
+                labels=self.labels.astype(str),
+                **{f"weights/{key}": value for key, value in self.weights.items()},
+            )
+        return path
+
+    @classmethod
+    def from_autoencoder(
+        cls,
+        model: KernelAutoencoder,
+        threshold: float,
+        n_codes: int,
+        provenance: dict[str, Any] | None = None,
+        seed: int = DEFAULT_SEED,
+    ) -> Spectrum:
+        """Decode ``n_codes`` evenly spaced codes and label them with the pattern library."""
+        codes = np.linspace(0.0, 1.0, n_codes, dtype=np.float32)
+        with torch.no_grad():
+            prototypes = model.decode(torch.from_numpy(codes)).reshape(n_codes, model.kernel_size, model.kernel_size)
+        prototypes = prototypes.numpy()
+        labels, _ = label_prototypes(prototypes, seed=seed)
+        return cls(
+            kernel_size=model.kernel_size,
+            codes=codes,
+            prototypes=prototypes,
+            labels=labels,
+            threshold=threshold,
+            provenance=provenance or {},
+            weights={key: value.detach().cpu().numpy() for key, value in model.state_dict().items()},
+            config={"hidden": list(model.hidden), "hyperplane": model.hyperplane},
+        )
+
+    def autoencoder(self) -> KernelAutoencoder:
+        """The trained autoencoder behind this spectrum (to encode kernels to codes)."""
+        if self.method != "autoencoder":
+            raise KernelWatchError(f"a {self.method} spectrum has no autoencoder")
+        model = KernelAutoencoder(self.kernel_size, tuple(self.config["hidden"]), self.config["hyperplane"])
+        model.load_state_dict({key: torch.from_numpy(value) for key, value in self.weights.items()})
+        return model.eval()
+
+    # -- classification -----------------------------------------------------------------------
+
+    @cached_property
+    def _index(self) -> PrototypeIndex:
+        unit, _ = centre_and_normalise(torch.from_numpy(self.prototypes))
+        return PrototypeIndex.build(unit)
+
+    def classify(self, kernels: np.ndarray | torch.Tensor) -> ClassificationResult:
+        """Label ``[N, k, k]`` kernels (numpy or torch, on any device) by their nearest prototype.
+
+        The work runs on the kernels' device; results come back as numpy arrays.
+        """
+        tensor = as_kernel_tensor(kernels, self.kernel_size)
+        unit, valid = centre_and_normalise(tensor)
+        index = self._index if tensor.device.type == "cpu" else self._index.to(tensor.device)
+        return classify_unit(unit, valid, index, self.codes, self.labels, self.threshold)
+
+    @property
+    def n_codes(self) -> int:
+        return len(self.codes)
+
+    def intervals(self) -> list[tuple[str, float, float]]:
+        """Runs of equal labels along the code axis: ``(label, first code, last code)``."""
+        change = np.flatnonzero(self.labels[1:] != self.labels[:-1]) + 1
+        starts = np.concatenate([[0], change])
+        ends = np.concatenate([change, [len(self.labels)]]) - 1
+        return [(str(self.labels[s]), float(self.codes[s]), float(self.codes[e])) for s, e in zip(starts, ends)]

@@ -1,0 +1,108 @@
+"""kw.analyze on live models and checkpoints, and the `kernelwatch` command line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+import kernelwatch as kw
+
+
+def small_dw_net(k: int = 5) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.Conv2d(16, 16, k, padding=k // 2, groups=16),
+        nn.Conv2d(16, 32, 1),
+        nn.Conv2d(32, 32, 7, padding=3, groups=32),
+    )
+
+
+def test_dog_initialised_model_is_clustered_and_random_init_is_not():
+    random_init = kw.analyze(small_dw_net())
+    dog = kw.analyze(kw.init.dog_(small_dw_net(), seed=0))
+    assert [layer.name for layer in dog.layers] == ["1", "3"]
+    assert [layer.kernel_size for layer in dog.layers] == [5, 7]
+    assert dog.clustered_fraction >= 0.9
+    assert random_init.clustered_fraction <= 0.1
+    top = max(dog.proportions, key=dog.proportions.get)
+    assert top == "on-centre"  # 45 % of appendix F's initialisation
+    assert sum(dog.proportions.values()) == pytest.approx(dog.clustered_fraction)
+
+
+def test_total_activation_matches_the_kernel_sums():
+    model = kw.init.dog_(small_dw_net(), seed=1)
+    layer = kw.analyze(model).layers[0]
+    kernels = model[1].weight.detach()[:, 0].numpy()
+    on = [i for i, label in enumerate(layer.result.labels) if label == "on-centre"]
+    assert layer.total_activation["on-centre"]["count"] == len(on)
+    assert layer.total_activation["on-centre"]["mean"] == pytest.approx(kernels[on].sum(axis=(1, 2)).mean(), rel=1e-5)
+
+
+def test_timm_model_and_checkpoint_give_the_same_report(tmp_path):
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "ckpt.pt")
+    live, saved = kw.analyze(model), kw.analyze(tmp_path / "ckpt.pt")
+    assert [layer.name for layer in live.layers] == [layer.name for layer in saved.layers]
+    assert live.clustered_fraction == pytest.approx(saved.clustered_fraction)
+    assert {layer.kernel_size for layer in live.layers} == {3, 5}
+
+
+def test_bad_models_have_clear_errors_and_partial_reports():
+    with pytest.raises(kw.KernelWatchError, match="no depthwise convolutions found"):
+        kw.analyze(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    with pytest.raises(kw.KernelWatchError, match="9x9 kernels: no spectrum ships"):
+        kw.analyze(nn.Conv2d(4, 4, 9, groups=4))
+    model = small_dw_net()
+    model.add_module("big", nn.Conv2d(32, 32, 9, groups=32))
+    with torch.no_grad():
+        model[1].weight[:3] = float("nan")
+    report = kw.analyze(model)
+    assert "big" in report.skipped and "9x9" in report.skipped["big"]
+    assert report.layers[0].n_invalid == 3
+    assert "skipped big" in report.format_table()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kernelwatch.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_analyze_checkpoint_table_and_json(tmp_path):
+    torch.save(kw.init.dog_(small_dw_net(), seed=0).state_dict(), tmp_path / "model.pt")
+    table = run_cli("analyze", str(tmp_path / "model.pt"))
+    assert table.returncode == 0, table.stderr
+    assert "clust%" in table.stdout and table.stdout.count("\n") >= 5
+    out = run_cli("analyze", str(tmp_path / "model.pt"), "--json")
+    report = json.loads(out.stdout)
+    assert report["clustered_fraction"] >= 0.9
+    assert [layer["name"] for layer in report["layers"]] == ["1", "3"]
+
+
+def test_cli_timm_model_is_built_without_downloading():
+    out = run_cli("analyze", "timm:convnext_atto")
+    assert out.returncode == 0, out.stderr
+    assert "randomly initialised" in out.stderr
+    assert "stages.0.blocks.0.conv_dw" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["analyze", "missing.pt"], "checkpoint not found"),
+        (["analyze", "timm:no_such_model_anywhere"], "timm cannot build"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_a_message(args, message):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_corrupt_checkpoint(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(np.random.default_rng(0).bytes(1000))
+    out = run_cli("analyze", str(tmp_path / "bad.pt"))
+    assert out.returncode == 2 and "corrupt" in out.stderr

@@ -1,0 +1,144 @@
+"""The shipped spectra: offline loading, classification of real and null kernels, file format."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kernelwatch as kw
+from kernelwatch import patterns
+from kernelwatch.classification import centre_and_normalise, nearest_prototype_brute_force
+from kernelwatch.metrics import family
+from kernelwatch.pretrain import shuffled
+
+FIXTURE = Path(__file__).parent / "fixtures" / "efficientnet_lite0_kernels.npz"
+
+
+@pytest.fixture(scope="module")
+def real():
+    with np.load(FIXTURE) as data:
+        return {3: data["k3"], 5: data["k5"]}
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_pretrained_spectra_ship_and_load_offline(k):
+    spec = kw.Spectrum.pretrained(kernel_size=k)
+    assert spec.n_codes == 10_000
+    assert spec.prototypes.shape == (10_000, k, k)
+    assert np.all(np.diff(spec.codes) > 0) and spec.codes[0] == 0 and spec.codes[-1] == 1
+    assert set(family(spec.labels)) <= set(kw.CLUSTERS)
+    assert 0 < spec.threshold <= {3: 1.0, 5: 0.2, 7: 0.3}[k]
+    for key in ("sources", "seed", "epochs", "final_loss", "shuffled_false_positive_rate"):
+        assert key in spec.provenance
+    assert spec.provenance["shuffled_false_positive_rate"] <= 0.03
+    # Every DoG family the library generates has codes of its own in the spectrum.
+    assert {"on-centre", "off-centre", "first-derivative", "on-cross", "off-cross"} <= set(family(spec.labels))
+
+
+def test_kmeans_spectrum_for_3x3(real):
+    spec = kw.Spectrum.pretrained(kernel_size=3, method="kmeans")
+    assert spec.method == "kmeans" and spec.n_codes == 10
+    res = spec.classify(real[3])
+    assert 0.3 < res.clustered.mean() < 1.0
+    assert spec.classify(shuffled(real[3], 7)).clustered.mean() <= 0.03
+
+
+def test_real_5x5_kernels_cluster_like_the_paper_and_null_kernels_do_not(real):
+    spec = kw.Spectrum.pretrained(kernel_size=5)
+    res = spec.classify(real[5])
+    assert res.clustered.mean() >= 0.61  # appendix L: EfficientNet-Lite0 61.08 %
+    assert spec.classify(shuffled(real[5], 7)).clustered.mean() <= 0.03
+    noise = np.random.default_rng(7).standard_normal((5000, 5, 5))
+    assert spec.classify(noise).clustered.mean() <= 0.01
+    counts = {name: np.sum(res.labels == name) for name in set(res.labels[res.clustered])}
+    assert sorted(counts, key=counts.get)[-2:] == ["off-centre", "on-centre"]
+
+
+def test_real_3x3_kernels_beat_their_null(real):
+    spec = kw.Spectrum.pretrained(kernel_size=3)
+    assert spec.classify(real[3]).clustered.mean() >= 0.3
+    assert spec.classify(shuffled(real[3], 7)).clustered.mean() <= 0.03
+    noise = np.random.default_rng(7).standard_normal((5000, 3, 3))
+    assert spec.classify(noise).clustered.mean() <= 0.01
+
+
+@pytest.mark.parametrize("family_name", ["on-centre", "off-centre", "on-cross", "off-cross", "first-derivative"])
+def test_clean_7x7_patterns_get_their_family(family_name):
+    spec = kw.Spectrum.pretrained(kernel_size=7)
+    kernels, _ = patterns.generate(family_name, 500, 7, rng=3, noise=0.1)
+    res = spec.classify(kernels)
+    assert np.mean(family(res.labels) == family_name) >= 0.85
+
+
+def test_classify_matches_brute_force_and_accepts_numpy_or_torch(real):
+    spec = kw.Spectrum.pretrained(kernel_size=5)
+    res = spec.classify(real[5])
+    res_torch = spec.classify(torch.from_numpy(real[5]).double())
+    np.testing.assert_array_equal(res.labels, res_torch.labels)
+    unit, _ = centre_and_normalise(torch.from_numpy(real[5]))
+    protos, _ = centre_and_normalise(torch.from_numpy(spec.prototypes))
+    _, sim = nearest_prototype_brute_force(unit, protos)
+    ok = res.valid  # the real layer has a few all-zero (dead) kernels
+    assert 0 < (~ok).sum() < 20
+    np.testing.assert_allclose(res.dissimilarity[ok], 1 - sim.numpy()[ok], atol=1e-6)
+    np.testing.assert_array_equal(res.clustered[ok], (1 - sim.numpy()[ok]) <= spec.threshold)
+    assert np.all((res.codes[ok] >= 0) & (res.codes[ok] <= 1))
+
+
+def test_classification_ignores_scale_and_offset(real):
+    spec = kw.Spectrum.pretrained(kernel_size=5)
+    kernels = real[5][real[5].std(axis=(1, 2)) > 1e-3][:500]  # leave out dead kernels
+    a = spec.classify(kernels)
+    b = spec.classify(kernels * 37.0 - 4.0)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_invalid_kernels_are_labelled_invalid():
+    spec = kw.Spectrum.pretrained(kernel_size=5)
+    kernels = np.random.default_rng(0).standard_normal((4, 5, 5))
+    kernels[0, 2, 2] = np.nan
+    kernels[1] = np.inf
+    kernels[2] = 0.0
+    res = spec.classify(kernels)
+    assert res.labels[:3].tolist() == ["invalid"] * 3
+    assert not res.clustered[:3].any() and res.valid.tolist() == [False, False, False, True]
+
+
+def test_unsupported_sizes_and_methods_have_clear_errors():
+    with pytest.raises(kw.KernelWatchError, match="no pretrained spectrum for 9x9"):
+        kw.Spectrum.pretrained(kernel_size=9)
+    with pytest.raises(kw.KernelWatchError, match="unknown spectrum method"):
+        kw.Spectrum.pretrained(kernel_size=5, method="pca")
+    with pytest.raises(kw.KernelWatchError, match="3x3 but this spectrum is for 5x5"):
+        kw.Spectrum.pretrained(kernel_size=5).classify(np.zeros((2, 3, 3)))
+
+
+def test_save_load_round_trip_and_bad_files(tmp_path):
+    spec = kw.Spectrum.pretrained(kernel_size=3)
+    path = spec.save(tmp_path / "s.npz")
+    again = kw.Spectrum.load(path)
+    np.testing.assert_array_equal(again.prototypes, spec.prototypes)
+    np.testing.assert_array_equal(again.labels, spec.labels)
+    assert again.threshold == spec.threshold and again.provenance == spec.provenance
+    # The stored autoencoder decodes to the stored prototypes.
+    with torch.no_grad():
+        decoded = again.autoencoder().decode(torch.from_numpy(again.codes[::997]))
+    np.testing.assert_allclose(decoded.numpy().reshape(-1, 3, 3), spec.prototypes[::997], atol=1e-5)
+
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"not a spectrum")
+    with pytest.raises(kw.KernelWatchError, match="cannot read spectrum file"):
+        kw.Spectrum.load(corrupt)
+    data = dict(np.load(path))
+    data["header"] = np.array(str(data["header"]).replace('"format_version": 1', '"format_version": 99'))
+    np.savez(tmp_path / "future.npz", **data)
+    with pytest.raises(kw.KernelWatchError, match="format version 99"):
+        kw.Spectrum.load(tmp_path / "future.npz")
+
+
+def test_intervals_cover_the_code_axis():
+    spec = kw.Spectrum.pretrained(kernel_size=7)
+    intervals = spec.intervals()
+    assert intervals[0][1] == 0.0 and intervals[-1][2] == 1.0
+    assert all(a[0] != b[0] for a, b in zip(intervals, intervals[1:]))
