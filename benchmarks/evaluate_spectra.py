@@ -37,6 +37,10 @@ def load_spectrum(kernel_size: int, method: str, spectrum_dir: Path | None) -> k
     return kw.Spectrum.load(spectrum_dir / f"{prefix}_k{kernel_size}.npz")
 
 
+def _shares(counts: list[tuple[str, int]], total: int) -> str:
+    return ", ".join(f"{label} {n / total:.1%}" for label, n in counts)
+
+
 def real_report(spectrum: kw.Spectrum) -> None:
     k = spectrum.kernel_size
     print(f"\n{k}x{k} {spectrum.method}: threshold {spectrum.threshold:.3f}, {spectrum.n_codes} codes")
@@ -45,11 +49,13 @@ def real_report(spectrum: kw.Spectrum) -> None:
         kernels = np.concatenate([w.numpy() for w in layers.values() if w.shape[-1] == k])
         res = spectrum.classify(kernels)
         null = spectrum.classify(shuffled(kernels, EVAL_SEED))
-        counts = Counter(family(res.labels[res.clustered])).most_common(4)
-        top = ", ".join(f"{label} {n / len(kernels):.1%}" for label, n in counts)
+        families = Counter(family(res.labels[res.clustered])).most_common(4)
+        clusters = Counter(res.labels[res.clustered]).most_common(3)
         print(
             f"  {name:<17} {len(kernels):>6} kernels: clustered {res.clustered.mean():6.1%} | "
-            f"shuffled {null.clustered.mean():5.1%} | top: {top}"
+            f"shuffled {null.clustered.mean():5.1%}\n"
+            f"      top families: {_shares(families, len(kernels))}\n"
+            f"      top clusters (subtypes apart): {_shares(clusters, len(kernels))}"
         )
     noise = np.random.default_rng(EVAL_SEED).standard_normal((20_000, k, k)).astype(np.float32)
     print(f"  gaussian noise     20000 kernels: clustered {spectrum.classify(noise).clustered.mean():6.1%}")

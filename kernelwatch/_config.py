@@ -37,3 +37,11 @@ DEFAULT_N_CODES = 10_000
 
 #: Seed of every reproducible step (pretraining, labelling, calibration).
 DEFAULT_SEED = 0
+
+#: Training recipe of each shipped spectrum: epochs and synthetic kernels added to the real ones.
+#: 7x7 has no real 7x7 weights to learn from, so it leans on more synthetic kernels.
+PRETRAIN_RECIPES: dict[int, dict[str, int]] = {
+    3: {"epochs": 120, "n_synthetic": 15_000},
+    5: {"epochs": 120, "n_synthetic": 15_000},
+    7: {"epochs": 150, "n_synthetic": 80_000},
+}

@@ -121,7 +121,7 @@ class PrototypeIndex:
     def build(cls, prototypes: torch.Tensor, block_size: int | None = None) -> PrototypeIndex:
         n = prototypes.shape[0]
         if block_size is None:
-            block_size = max(1, int(round(np.sqrt(n))))
+            block_size = max(1, int(round(np.sqrt(n) / 2)))
         n_blocks = -(-n // block_size)
         padded = torch.cat([prototypes, prototypes[-1:].expand(n_blocks * block_size - n, -1)])
         blocks = padded.reshape(n_blocks, block_size, -1)
@@ -144,33 +144,42 @@ class PrototypeIndex:
         return index, sim
 
     def _search_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, n_blocks, size = x.shape[0], self.centres.shape[0], self.block_size
+        rows = torch.arange(x.shape[0], device=x.device)
         angle = torch.arccos((x @ self.centres.T).clamp(-1.0, 1.0))
         bound = torch.cos((angle - self.radii).clamp_min(0.0)) + _BOUND_SLACK
-        order = bound.argsort(dim=1, descending=True)
-        sorted_bound = bound.gather(1, order)
-        best_sim = torch.full((n,), -2.0, dtype=x.dtype, device=x.device)
-        best_index = torch.zeros(n, dtype=torch.long, device=x.device)
-        rows = torch.arange(n, device=x.device)
-        # Round r looks at each kernel's r-th most promising block, for the kernels whose bound
-        # on that block still beats what they have: usually one or two rounds settle everything.
-        for rank in range(n_blocks):
-            todo = rows[sorted_bound[:, rank] > best_sim]
-            if todo.numel() == 0:
-                break
-            block = order[todo, rank]
-            block, by_block = block.sort()
-            todo = todo[by_block]
-            blocks, counts = torch.unique_consecutive(block, return_counts=True)
-            for b, group in zip(blocks.tolist(), todo.split(counts.tolist())):
-                first = b * size
-                sims = x[group] @ self.prototypes[first : first + size].T
-                block_sim, at = sims.max(dim=1)
-                better = block_sim > best_sim[group]
-                improved = group[better]
-                best_sim[improved] = block_sim[better]
-                best_index[improved] = first + at[better]
+        best_sim = torch.full((x.shape[0],), -2.0, dtype=x.dtype, device=x.device)
+        best_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        # The most promising block first: for a kernel near the spectrum its best prototype is
+        # usually there, and that similarity then rules out almost every other block.
+        first = bound.argmax(dim=1)
+        self._scan_blocks(x, rows, first, best_sim, best_index)
+        bound[rows, first] = -2.0
+        pair_rows, pair_blocks = (bound > best_sim[:, None]).nonzero(as_tuple=True)
+        self._scan_blocks(x, pair_rows, pair_blocks, best_sim, best_index)
         return best_index, best_sim
+
+    def _scan_blocks(
+        self,
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        blocks: torch.Tensor,
+        best_sim: torch.Tensor,
+        best_index: torch.Tensor,
+    ) -> None:
+        """Compare kernel ``rows[i]`` with every prototype of block ``blocks[i]``, in place.
+
+        Pairs are grouped by block so each block costs one matmul; a kernel appears at most
+        once per block, so the updates within a group never collide.
+        """
+        blocks, order = blocks.sort()
+        rows = rows[order]
+        unique, counts = torch.unique_consecutive(blocks, return_counts=True)
+        for block, group in zip(unique.tolist(), rows.split(counts.tolist())):
+            first = block * self.block_size
+            sim, at = (x[group] @ self.prototypes[first : first + self.block_size].T).max(dim=1)
+            better = sim > best_sim[group]
+            best_sim[group[better]] = sim[better]
+            best_index[group[better]] = first + at[better]
 
 
 def classify_unit(

@@ -27,6 +27,7 @@ from kernelwatch._config import (
     NOISE_FALSE_POSITIVE_RATE,
     NULL_FALSE_POSITIVE_RATE,
     PAPER_THRESHOLDS,
+    PRETRAIN_RECIPES,
 )
 from kernelwatch.classification import centre_and_normalise
 from kernelwatch.errors import KernelWatchError
@@ -168,7 +169,7 @@ def calibrate_threshold(spectrum: Spectrum, real: np.ndarray, seed: int) -> tupl
     }
     paper = PAPER_THRESHOLDS.get(spectrum.kernel_size)
     threshold = paper if paper is not None else 1.0
-    stats: dict[str, float] = {"paper_threshold": paper if paper is not None else float("nan")}
+    stats: dict[str, float | None] = {"paper_threshold": paper}
     distances = {}
     for name, (kernels, rate) in nulls.items():
         distances[name] = spectrum.classify(kernels).dissimilarity
@@ -183,14 +184,39 @@ def calibrate_threshold(spectrum: Spectrum, real: np.ndarray, seed: int) -> tupl
 def pretrain(
     kernel_size: int,
     output: Path,
-    epochs: int = 40,
-    n_synthetic: int = 40_000,
+    epochs: int | None = None,
+    n_synthetic: int | None = None,
     n_codes: int = DEFAULT_N_CODES,
     seed: int = DEFAULT_SEED,
     cache_dir: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> Spectrum:
-    """Train, label, calibrate and save the spectrum for one kernel size."""
+    """Train, label, calibrate and save the spectrum for one kernel size.
+
+    ``epochs`` and ``n_synthetic`` default to the recipe of the shipped spectrum. Training runs
+    on one CPU thread: the result then depends on the seed alone, not on the machine's cores.
+    """
+    recipe = PRETRAIN_RECIPES.get(kernel_size, PRETRAIN_RECIPES[max(PRETRAIN_RECIPES)])
+    epochs = recipe["epochs"] if epochs is None else epochs
+    n_synthetic = recipe["n_synthetic"] if n_synthetic is None else n_synthetic
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain(kernel_size, output, epochs, n_synthetic, n_codes, seed, cache_dir, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(
+    kernel_size: int,
+    output: Path,
+    epochs: int,
+    n_synthetic: int,
+    n_codes: int,
+    seed: int,
+    cache_dir: Path | None,
+    log: Callable[[str], None],
+) -> Spectrum:
     started = time.time()
     data = training_set(kernel_size, n_synthetic, seed, cache_dir)
     log(f"training on {len(data.kernels)} kernels: {data.sources}")
@@ -214,8 +240,12 @@ def pretrain(
         "null_models": "the real training kernels (for 7x7 the resampled ones) spatially shuffled; i.i.d. Gaussian kernels",
         **null_stats,
         "torch": torch.__version__,
+        "torch_threads": 1,
         "seconds": round(time.time() - started, 1),
-        "command": f"kernelwatch pretrain --kernel-size {kernel_size} --epochs {epochs} --seed {seed}",
+        "command": (
+            f"kernelwatch pretrain --kernel-size {kernel_size} --epochs {epochs} "
+            f"--synthetic {n_synthetic} --codes {n_codes} --seed {seed}"
+        ),
     }
     spectrum.save(output)
     log(f"\nwrote {output}: threshold {threshold:.3f}, final loss {final_loss:.4f}")
