@@ -16,8 +16,8 @@ import torch
 from kernelwatch._config import INVALID, UNCLUSTERED
 from kernelwatch.errors import KernelWatchError
 
-#: Kernels whose centred norm is below this (relative to their largest |w|, or absolute when
-#: that is 0) carry no pattern: all-zero or constant.
+#: Kernels whose centred norm is below this share of their norm carry no pattern: all-zero or
+#: constant (up to float rounding).
 _FLAT_TOLERANCE = 1e-6
 #: Slack on the block bounds, far above float32 rounding of unit dot products.
 _BOUND_SLACK = 1e-5
@@ -77,12 +77,15 @@ def centre_and_normalise(kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """
     flat = kernels.reshape(kernels.shape[0], -1)
     finite = torch.isfinite(flat).all(dim=1)
-    flat = torch.where(finite[:, None], flat, torch.zeros_like(flat))
+    if not finite.all():
+        flat = torch.where(finite[:, None], flat, torch.zeros_like(flat))
     centred = flat - flat.mean(dim=1, keepdim=True)
     norm = centred.norm(dim=1)
-    scale = flat.abs().amax(dim=1)
-    valid = finite & (norm > _FLAT_TOLERANCE * torch.where(scale > 0, scale, torch.ones_like(scale)))
-    unit = torch.where(valid[:, None], centred / norm.clamp_min(1e-30)[:, None], torch.zeros_like(centred))
+    # Flat relative to the kernel's own size, so that scaling never changes validity.
+    valid = finite & (norm > _FLAT_TOLERANCE * flat.norm(dim=1)) & (norm > 0)
+    unit = centred / torch.where(valid, norm, 1.0)[:, None]
+    if not valid.all():
+        unit = torch.where(valid[:, None], unit, torch.zeros_like(unit))
     return unit, valid
 
 
@@ -104,57 +107,88 @@ def nearest_prototype_brute_force(
 
 @dataclass(frozen=True)
 class PrototypeIndex:
-    """Prototypes grouped into contiguous blocks of the code axis, each with a bounding cone.
+    """Prototypes cut into contiguous blocks of the code axis, each with a bounding cone.
 
-    Neighbouring codes decode to similar kernels, so a block of ``block_size`` prototypes fits
-    in a narrow cone around its normalised mean: ``cos(x, p) <= cos(max(0, angle(x, centre) -
-    radius))`` for every prototype ``p`` in the block. Only blocks whose bound beats the best
-    similarity found so far need an exact look.
+    Neighbouring codes decode to similar kernels, so a run of prototypes fits in a narrow cone
+    around its normalised mean: ``cos(x, p) <= cos(max(0, angle(x, centre) - radius))`` for
+    every prototype ``p`` in the block. Blocks end where the spectrum turns by more than
+    ``max_diameter`` degrees (so a jump between patterns never widens a cone) or after
+    ``max_size`` codes. Only blocks whose bound beats the best similarity found so far need an
+    exact look.
     """
 
     prototypes: torch.Tensor  # [M, d] unit rows
+    starts: list[int]  # block b holds prototypes[starts[b]:starts[b + 1]]
     centres: torch.Tensor  # [B, d] unit rows
-    radii: torch.Tensor  # [B] angle in radians
-    block_size: int
+    radii: torch.Tensor  # [B] each cone's half-angle in radians, and its cosine and sine
+    cos_radii: torch.Tensor
+    sin_radii: torch.Tensor
 
     @classmethod
-    def build(cls, prototypes: torch.Tensor, block_size: int | None = None) -> PrototypeIndex:
-        n = prototypes.shape[0]
-        if block_size is None:
-            block_size = max(1, int(round(np.sqrt(n) / 2)))
-        n_blocks = -(-n // block_size)
-        padded = torch.cat([prototypes, prototypes[-1:].expand(n_blocks * block_size - n, -1)])
-        blocks = padded.reshape(n_blocks, block_size, -1)
-        centres = torch.nn.functional.normalize(blocks.mean(dim=1), dim=1)
-        cos = torch.einsum("bsd,bd->bs", blocks, centres).clamp(-1.0, 1.0)
-        radii = torch.arccos(cos).amax(dim=1)
-        return cls(prototypes, centres, radii, block_size)
+    def build(cls, prototypes: torch.Tensor, max_diameter: float = 20.0, max_size: int = 200) -> PrototypeIndex:
+        unit = prototypes.double().numpy()
+        min_cos = np.cos(np.radians(max_diameter))
+        starts = [0]
+        while starts[-1] < len(unit):
+            first, end = starts[-1], starts[-1] + 1
+            while end < len(unit) and end - first < max_size and unit[first] @ unit[end] >= min_cos:
+                end += 1
+            starts.append(end)
+        centres, radii = [], []
+        for first, end in zip(starts, starts[1:]):
+            centre = torch.nn.functional.normalize(prototypes[first:end].mean(dim=0), dim=0)
+            centres.append(centre)
+            radii.append(torch.arccos((prototypes[first:end] @ centre).clamp(-1.0, 1.0)).max())
+        radius = torch.stack(radii)
+        return cls(prototypes, starts, torch.stack(centres), radius, torch.cos(radius), torch.sin(radius))
 
     def to(self, device: torch.device | str) -> PrototypeIndex:
         return PrototypeIndex(
-            self.prototypes.to(device), self.centres.to(device), self.radii.to(device), self.block_size
+            self.prototypes.to(device),
+            self.starts,
+            self.centres.to(device),
+            self.radii.to(device),
+            self.cos_radii.to(device),
+            self.sin_radii.to(device),
         )
 
-    def search(self, unit: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact nearest prototype for each row of ``unit``: ``(index, similarity)``."""
+    def search(
+        self, unit: torch.Tensor, floor: float = -1.0, chunk: int = 65536
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest prototype for each row of ``unit``: ``(index, similarity)``.
+
+        Exact for every kernel whose best similarity is at least ``floor``. For the others the
+        search may stop early: their result is a real prototype, just possibly not the nearest,
+        and its similarity stays below ``floor`` like the true best. With the default floor of
+        -1 the search is exact for all.
+        """
         index = torch.empty(unit.shape[0], dtype=torch.long, device=unit.device)
         sim = torch.empty(unit.shape[0], dtype=unit.dtype, device=unit.device)
         for start in range(0, unit.shape[0], chunk):
-            index[start : start + chunk], sim[start : start + chunk] = self._search_chunk(unit[start : start + chunk])
+            part = slice(start, start + chunk)
+            index[part], sim[part] = self._search_chunk(unit[part], floor)
         return index, sim
 
-    def _search_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_chunk(self, x: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.arange(x.shape[0], device=x.device)
-        angle = torch.arccos((x @ self.centres.T).clamp(-1.0, 1.0))
-        bound = torch.cos((angle - self.radii).clamp_min(0.0)) + _BOUND_SLACK
+        cos = x @ self.centres.T
         best_sim = torch.full((x.shape[0],), -2.0, dtype=x.dtype, device=x.device)
         best_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        # The most promising block first: for a kernel near the spectrum its best prototype is
-        # usually there, and that similarity then rules out almost every other block.
-        first = bound.argmax(dim=1)
+        # The nearest block first: for a kernel near the spectrum its best prototype is usually
+        # there, and that similarity then rules out almost every other block.
+        first = cos.argmax(dim=1)
         self._scan_blocks(x, rows, first, best_sim, best_index)
-        bound[rows, first] = -2.0
-        pair_rows, pair_blocks = (bound > best_sim[:, None]).nonzero(as_tuple=True)
+        # A block can beat similarity t only if angle(x, centre) < radius + arccos(t), that is
+        # cos(x, centre) > cos(radius + arccos(t)) = cos(r) t - sin(r) sqrt(1 - t^2).
+        target = (best_sim.clamp_min(floor) - _BOUND_SLACK).clamp(-1.0, 1.0)[:, None]
+        reach = self.cos_radii * target - self.sin_radii * (1.0 - target * target).sqrt()
+        # Past a half turn (radius + arccos(t) >= pi) every direction is within reach.
+        angle = torch.arccos(target)
+        if float(angle.max()) + float(self.radii.max()) >= torch.pi:
+            reach = torch.where(self.radii + angle >= torch.pi, -2.0, reach)
+        candidate = cos > reach
+        candidate[rows, first] = False
+        pair_rows, pair_blocks = candidate.nonzero(as_tuple=True)
         self._scan_blocks(x, pair_rows, pair_blocks, best_sim, best_index)
         return best_index, best_sim
 
@@ -166,20 +200,27 @@ class PrototypeIndex:
         best_sim: torch.Tensor,
         best_index: torch.Tensor,
     ) -> None:
-        """Compare kernel ``rows[i]`` with every prototype of block ``blocks[i]``, in place.
+        """Compare kernel ``rows[i]`` with every prototype of block ``blocks[i]``; keep the best.
 
-        Pairs are grouped by block so each block costs one matmul; a kernel appears at most
-        once per block, so the updates within a group never collide.
+        Pairs are grouped by block so each block costs one matmul; the per-kernel reduction
+        then runs once over all pairs.
         """
+        if rows.numel() == 0:
+            return
         blocks, order = blocks.sort()
         rows = rows[order]
         unique, counts = torch.unique_consecutive(blocks, return_counts=True)
+        sims, indices = [], []
         for block, group in zip(unique.tolist(), rows.split(counts.tolist())):
-            first = block * self.block_size
-            sim, at = (x[group] @ self.prototypes[first : first + self.block_size].T).max(dim=1)
-            better = sim > best_sim[group]
-            best_sim[group[better]] = sim[better]
-            best_index[group[better]] = first + at[better]
+            first = self.starts[block]
+            sim, at = (x[group] @ self.prototypes[first : self.starts[block + 1]].T).max(dim=1)
+            sims.append(sim)
+            indices.append(at + first)
+        sim, index = torch.cat(sims), torch.cat(indices)
+        updated = best_sim.scatter_reduce(0, rows, sim, reduce="amax")
+        won = (sim > best_sim[rows]) & (sim == updated[rows])
+        best_index[rows[won]] = index[won]
+        best_sim.copy_(updated)
 
 
 def classify_unit(
@@ -189,17 +230,24 @@ def classify_unit(
     codes: np.ndarray,
     labels: np.ndarray,
     threshold: float,
+    exact: bool = False,
 ) -> ClassificationResult:
-    """Label centred unit kernels by their nearest prototype; see :class:`ClassificationResult`."""
-    best, sim = index.search(unit)
+    """Label centred unit kernels by their nearest prototype; see :class:`ClassificationResult`.
+
+    Decisions (labels, clustered) are always those of the exhaustive search. ``exact=False``
+    lets the search give up on kernels that cannot reach the threshold: their dissimilarity and
+    code then come from a near, not necessarily the nearest, prototype (still above threshold).
+    """
+    best, sim = index.search(unit, floor=-1.0 if exact else 1.0 - threshold)
     best = best.cpu().numpy()
     dissimilarity = (1.0 - sim).cpu().numpy().astype(np.float64)
     valid_np = valid.cpu().numpy()
     clustered = valid_np & (dissimilarity <= threshold)
-    out_labels = np.where(clustered, labels[best], UNCLUSTERED).astype(object)
+    out_labels = labels[best].astype(np.result_type(labels, np.array([UNCLUSTERED, INVALID])))
+    out_labels[~clustered] = UNCLUSTERED
     out_labels[~valid_np] = INVALID
     return ClassificationResult(
-        labels=out_labels.astype(str),
+        labels=out_labels,
         clustered=clustered,
         dissimilarity=np.where(valid_np, dissimilarity, np.nan),
         codes=np.where(valid_np, codes[best], np.nan),

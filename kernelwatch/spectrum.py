@@ -255,15 +255,19 @@ class Spectrum:
         unit, _ = centre_and_normalise(torch.from_numpy(self.prototypes))
         return PrototypeIndex.build(unit)
 
-    def classify(self, kernels: np.ndarray | torch.Tensor) -> ClassificationResult:
+    def classify(self, kernels: np.ndarray | torch.Tensor, exact: bool = False) -> ClassificationResult:
         """Label ``[N, k, k]`` kernels (numpy or torch, on any device) by their nearest prototype.
 
-        The work runs on the kernels' device; results come back as numpy arrays.
+        Labels and the clustered flag always equal those of comparing every kernel with every
+        prototype. For unclustered kernels, ``dissimilarity`` and ``codes`` are exact only with
+        ``exact=True`` (slower on unstructured kernels); by default they come from a near
+        prototype and may overstate the distance. The work runs on the kernels' device; results
+        come back as numpy arrays.
         """
         tensor = as_kernel_tensor(kernels, self.kernel_size)
         unit, valid = centre_and_normalise(tensor)
         index = self._index if tensor.device.type == "cpu" else self._index.to(tensor.device)
-        return classify_unit(unit, valid, index, self.codes, self.labels, self.threshold)
+        return classify_unit(unit, valid, index, self.codes, self.labels, self.threshold, exact)
 
     @property
     def n_codes(self) -> int:

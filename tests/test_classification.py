@@ -45,18 +45,25 @@ def test_invalid_kernels_are_flagged_not_crashing():
     assert torch.isfinite(unit).all()
 
 
-@pytest.mark.parametrize("block_size", [3, 100, 10_000])
-def test_index_search_equals_brute_force(block_size):
-    protos = smooth_curve(10_000, 49)
+@pytest.mark.parametrize("max_diameter, max_size", [(10.0, 200), (5.0, 20), (180.0, 10_000)])
+@pytest.mark.parametrize("floor", [-1.0, 0.7])
+def test_index_search_equals_brute_force(max_diameter, max_size, floor):
+    protos = smooth_curve(2000, 49)
     g = torch.Generator().manual_seed(1)
-    near = protos[torch.randint(0, 10_000, (3000,), generator=g)] + 0.05 * torch.randn(3000, 49, generator=g)
-    far = torch.randn(2000, 49, generator=g)
+    near = protos[torch.randint(0, 2000, (1500,), generator=g)] + 0.05 * torch.randn(1500, 49, generator=g)
+    far = torch.randn(1000, 49, generator=g)
     unit, _ = centre_and_normalise(torch.cat([near, far]).reshape(-1, 7, 7))
     ref_index, ref_sim = nearest_prototype_brute_force(unit, protos)
-    index, sim = PrototypeIndex.build(protos, block_size).search(unit)
-    assert torch.allclose(sim, ref_sim, atol=1e-6)
+    index, sim = PrototypeIndex.build(protos, max_diameter, max_size).search(unit, floor=floor)
+    # Exact wherever the best similarity reaches the floor; below it, a real prototype whose
+    # similarity stays below the floor.
+    exact = ref_sim >= floor
+    assert exact.sum() > 1000 and (floor < 0 or (~exact).sum() > 500)
+    assert torch.allclose(sim[exact], ref_sim[exact], atol=1e-6)
+    assert torch.all(sim[~exact] < floor) and torch.all(sim <= ref_sim + 1e-6)
+    assert torch.allclose((unit * protos[index]).sum(1), sim, atol=1e-5)
     # Different indices are only allowed for exact ties in similarity.
-    differs = index != ref_index
+    differs = (index != ref_index) & exact
     tied = (unit[differs] * protos[index[differs]]).sum(1) >= ref_sim[differs] - 1e-6
     assert tied.all()
 
@@ -74,7 +81,7 @@ def test_classify_unit_labels_threshold_and_invalid():
     unit, valid = centre_and_normalise(kernels)
     codes = np.linspace(0, 1, 4)
     labels = np.array(["a", "b", "c", "d"])
-    res = classify_unit(unit, valid, PrototypeIndex.build(protos, 2), codes, labels, threshold=0.2)
+    res = classify_unit(unit, valid, PrototypeIndex.build(protos, max_size=2), codes, labels, threshold=0.2)
     assert res.labels.tolist() == ["a", "unclustered", "invalid"]
     assert res.clustered.tolist() == [True, False, False]
     assert res.dissimilarity[0] == pytest.approx(0.0, abs=1e-6)

@@ -73,16 +73,21 @@ def test_clean_7x7_patterns_get_their_family(family_name):
 
 def test_classify_matches_brute_force_and_accepts_numpy_or_torch(real):
     spec = kw.Spectrum.pretrained(kernel_size=5)
-    res = spec.classify(real[5])
+    res, exact = spec.classify(real[5]), spec.classify(real[5], exact=True)
     res_torch = spec.classify(torch.from_numpy(real[5]).double())
     np.testing.assert_array_equal(res.labels, res_torch.labels)
     unit, _ = centre_and_normalise(torch.from_numpy(real[5]))
     protos, _ = centre_and_normalise(torch.from_numpy(spec.prototypes))
     _, sim = nearest_prototype_brute_force(unit, protos)
+    brute = 1 - sim.numpy()
     ok = res.valid  # the real layer has a few all-zero (dead) kernels
     assert 0 < (~ok).sum() < 20
-    np.testing.assert_allclose(res.dissimilarity[ok], 1 - sim.numpy()[ok], atol=1e-6)
-    np.testing.assert_array_equal(res.clustered[ok], (1 - sim.numpy()[ok]) <= spec.threshold)
+    # Decisions always equal the exhaustive search; distances too where they decide something.
+    np.testing.assert_array_equal(res.labels, exact.labels)
+    np.testing.assert_array_equal(res.clustered[ok], brute[ok] <= spec.threshold)
+    np.testing.assert_allclose(exact.dissimilarity[ok], brute[ok], atol=1e-6)
+    np.testing.assert_allclose(res.dissimilarity[res.clustered], brute[res.clustered], atol=1e-6)
+    assert np.all(res.dissimilarity[ok & ~res.clustered] > spec.threshold)
     assert np.all((res.codes[ok] >= 0) & (res.codes[ok] <= 1))
 
 
