@@ -2,8 +2,9 @@
 
 Kernels and prototypes are compared after centring (mean removed) and scaling to unit length,
 so a kernel's label does not change under ``a * kernel + b`` with ``a > 0`` (section 4.1).
-The search is exact: a branch-and-bound over contiguous blocks of the code axis returns the
-same best prototype as comparing against every prototype, at a fraction of the work.
+The search is a branch-and-bound over contiguous blocks of the code axis: it returns the same
+best prototype as comparing against every prototype, at a fraction of the work, for every
+kernel that can be clustered (and for all kernels with ``exact=True``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ class ClassificationResult:
     """Per-kernel outcome of :meth:`kernelwatch.Spectrum.classify`.
 
     ``labels`` holds a cluster name, ``"unclustered"`` or ``"invalid"``; ``codes`` the code of
-    the nearest prototype in [0, 1] (NaN for invalid kernels); ``dissimilarity`` is
-    ``1 - cos`` to that prototype (NaN for invalid kernels).
+    the nearest prototype in [0, 1]; ``dissimilarity`` is ``1 - cos`` to that prototype. Both
+    are NaN for invalid kernels; for unclustered kernels they are exact only when classified
+    with ``exact=True`` (otherwise a near prototype's, at least the threshold).
     """
 
     labels: np.ndarray

