@@ -49,18 +49,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from kernelwatch._config import CLUSTERS
 from kernelwatch.errors import KernelWatchError
 
-FAMILIES: tuple[str, ...] = (
-    "on-centre",
-    "off-centre",
-    "on-cross",
-    "off-cross",
-    "first-derivative",
-    "second-derivative",
-    "on-square",
-    "off-square",
-)
+#: The pattern families a generator exists for: every cluster but "other".
+FAMILIES: tuple[str, ...] = tuple(name for name in CLUSTERS if name != "other")
 
 #: Finer variants of a family; a family missing here has none.
 SUBTYPES: dict[str, tuple[str, ...]] = {
