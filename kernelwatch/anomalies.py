@@ -1,0 +1,341 @@
+"""Anomaly flags on per-layer clustered fractions: memorisation-like layers, outlier layers,
+regressions over time and invalid kernels. The thresholds and how they were measured are in
+``docs/anomalies.md``.
+
+:func:`detect` is a pure function of one snapshot's layer reports and the clustered fractions
+of earlier snapshots; :class:`AnomalyDetector` keeps that history across calls (and across a
+resumed run, through ``state_dict``).
+
+>>> import torch, kernelwatch as kw
+>>> model = torch.nn.Sequential(*[torch.nn.Conv2d(32, 32, 5, groups=32) for _ in range(5)])
+>>> layers = {layer.name: layer for layer in kw.analyze(kw.init.dog_(model, seed=0)).layers}
+>>> detect(step=0, layers=layers)
+[]
+>>> with torch.no_grad():
+...     _ = model[2].weight.normal_()  # one layer's kernels become noise
+>>> layers = {layer.name: layer for layer in kw.analyze(model).layers}
+>>> [(a.layer, a.kind, a.severity) for a in detect(step=1, layers=layers)]
+[('2', 'memorisation', 'warning')]
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from kernelwatch.errors import KernelWatchError
+from kernelwatch.format import SEVERITIES
+
+if TYPE_CHECKING:
+    from kernelwatch.analysis import LayerReport
+
+#: What a flag can be about: rules (a) to (d) of docs/anomalies.md.
+KINDS = ("memorisation", "outlier", "regression", "invalid")
+#: Scales a median absolute deviation to a standard deviation under normality.
+_MAD_TO_SD = 1.4826
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """One flag: where and when, what kind, how bad, a sentence for people and its figures."""
+
+    step: int
+    layer: str
+    kind: str
+    severity: str
+    message: str
+    numbers: dict[str, float]
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS or self.severity not in SEVERITIES:
+            raise KernelWatchError(
+                f"anomaly kind must be one of {KINDS} and severity one of {SEVERITIES}, "
+                f"got {self.kind!r} and {self.severity!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record written to TensorBoard; passes :func:`kernelwatch.format.check_anomalies`."""
+        return {
+            "step": self.step,
+            "layer": self.layer,
+            "kind": self.kind,
+            "severity": self.severity,
+            "message": self.message,
+            "numbers": dict(self.numbers),
+        }
+
+
+class AnomalyError(KernelWatchError):
+    """Raised (by the monitor, under ``raise_on=``) for anomalies at or above a severity."""
+
+    def __init__(self, anomalies: Sequence[Anomaly]):
+        self.anomalies = list(anomalies)
+        super().__init__("; ".join(f"[{a.severity}] {a.message}" for a in self.anomalies) or "no anomalies")
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    """Every threshold of :func:`detect`. Defaults follow from the figures in
+    ``docs/anomalies.md`` (``benchmarks/measure_anomaly_defaults.py``)."""
+
+    structured_fraction: float = 0.2
+    """A clustered fraction at or above this is "structured": the reference layers of rules
+    (a) and (b) must reach it (as a median), and so must a layer's best earlier value for (c).
+    Measured: trained EfficientNet-Lite0/1/2 layers 0.177 at the lowest; random-init timm
+    layers 0.031 at the most."""
+
+    null_margin: float = 0.05
+    """(a) A layer is at the null level when its clustered fraction is at most the spectrum's
+    shuffled-kernel false-positive rate plus this margin."""
+
+    null_levels: Mapping[int, float] | None = None
+    """Null level per kernel size; ``None`` takes ``shuffled_false_positive_rate`` from the
+    provenance of the shipped spectra (3x3: 0.024, 5x5: 0.010, 7x7: 0.0004)."""
+
+    window: int = 2
+    """(b) Neighbours: up to this many layers of the same kernel size on each side."""
+
+    min_neighbours: int = 2
+    """(b) Fewer same-size neighbours than this: fall back to the nearest layers of any size;
+    fewer still: no outlier test. Also the least number of other layers for rule (a)."""
+
+    outlier_z: float = 3.5
+    """(b) Flag when ``(neighbours' median - fraction) / max(1.4826 * MAD, mad_floor)`` is at
+    least this."""
+
+    mad_floor: float = 0.05
+    """(b) Floor of the robust spread, so that near-identical neighbours do not make tiny
+    dips significant."""
+
+    outlier_ratio: float = 0.5
+    """(b) ... and the layer's fraction is below this share of its neighbours' median."""
+
+    regression_drop: float = 0.25
+    """(c) Flag when a layer's fraction fell by at least this (absolute) below its best earlier
+    value, that best value having been structured."""
+
+    min_kernels: int = 16
+    """Layers with fewer kernels are not judged by (a), (b), (c) nor used as references: their
+    fraction moves in steps of more than 1/16."""
+
+    invalid_warning_fraction: float = 0.25
+    """(d) Any invalid kernel is flagged; "info" below this share of the layer, "warning" from it.
+    Trained models have a few dead kernels: at most 4 of 32 (12.5 %) in a Lite layer."""
+
+    invalid_error_fraction: float = 0.5
+    """(d) "error" from this share on; such a layer is left out of (a), (b) and (c)."""
+
+
+def severity_at_least(anomaly: Anomaly, level: str) -> bool:
+    """Whether ``anomaly`` is at least as severe as ``level`` ("info" < "warning" < "error").
+
+    >>> flag = Anomaly(3, "dw", "outlier", "warning", "m", {})
+    >>> severity_at_least(flag, "warning"), severity_at_least(flag, "error")
+    (True, False)
+    """
+    if level not in SEVERITIES:
+        raise KernelWatchError(f"unknown severity {level!r}; expected one of {SEVERITIES}")
+    return SEVERITIES.index(anomaly.severity) >= SEVERITIES.index(level)
+
+
+@lru_cache(maxsize=None)
+def _shipped_null_level(kernel_size: int) -> float:
+    from kernelwatch.spectrum import Spectrum  # imports torch; only needed here
+
+    return float(Spectrum.pretrained(kernel_size).provenance["shuffled_false_positive_rate"])
+
+
+def _null_level(kernel_size: int, config: AnomalyConfig) -> float:
+    if config.null_levels is not None and kernel_size in config.null_levels:
+        return float(config.null_levels[kernel_size])
+    return _shipped_null_level(kernel_size)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def detect(
+    step: int,
+    layers: Mapping[str, LayerReport],
+    history: Sequence[Mapping[str, float]] = (),
+    config: AnomalyConfig | None = None,
+) -> list[Anomaly]:
+    """Flag the layers of one snapshot; ``layers`` in model order (as :func:`kernelwatch.analyze`
+    lists them), ``history`` the clustered fraction per layer of earlier snapshots.
+
+    A layer flagged memorisation-like is not flagged as an outlier too (same evidence, one flag).
+
+    >>> from kernelwatch.analysis import LayerReport
+    >>> dead = LayerReport("dw", 3, 32, 32, 0.0, {}, {})
+    >>> [(a.kind, a.severity, a.numbers["invalid_fraction"]) for a in detect(5, {"dw": dead})]
+    [('invalid', 'error', 1.0)]
+    """
+    config = config or AnomalyConfig()
+    out: list[Anomaly] = []
+    for name, layer in layers.items():
+        if layer.n_invalid > 0:
+            out.append(_invalid(step, name, layer, config))
+    # Only layers whose fraction means something take part in the structure rules.
+    judged = {
+        name: layer
+        for name, layer in layers.items()
+        if layer.n_kernels >= config.min_kernels
+        and layer.n_invalid < config.invalid_error_fraction * layer.n_kernels
+    }
+    memorised = set()
+    for name, layer in judged.items():
+        flag = _memorisation(step, name, layer, judged, config)
+        if flag:
+            memorised.add(name)
+            out.append(flag)
+    for name, layer in judged.items():
+        flag = None if name in memorised else _outlier(step, name, layer, judged, config)
+        if flag:
+            out.append(flag)
+    best: dict[str, float] = {}
+    for snapshot in history:
+        for name, fraction in snapshot.items():
+            best[name] = max(best.get(name, -math.inf), fraction)
+    for name, layer in judged.items():
+        if name in best:
+            flag = _regression(step, name, layer, best[name], config)
+            if flag:
+                out.append(flag)
+    return out
+
+
+def _invalid(step: int, name: str, layer: LayerReport, config: AnomalyConfig) -> Anomaly:
+    share = layer.n_invalid / max(layer.n_kernels, 1)
+    if share >= config.invalid_error_fraction:
+        severity = "error"
+    elif share >= config.invalid_warning_fraction:
+        severity = "warning"
+    else:
+        severity = "info"
+    return Anomaly(
+        step, name, "invalid", severity,
+        f"layer {name!r} has {layer.n_invalid} of {layer.n_kernels} invalid kernels ({_pct(share)}): "
+        "NaN/Inf, all-zero or constant",
+        {"n_invalid": float(layer.n_invalid), "n_kernels": float(layer.n_kernels), "invalid_fraction": share},
+    )
+
+
+def _memorisation(
+    step: int, name: str, layer: LayerReport, judged: Mapping[str, LayerReport], config: AnomalyConfig
+) -> Anomaly | None:
+    others = [other.clustered_fraction for key, other in judged.items() if key != name]
+    if len(others) < config.min_neighbours:
+        return None
+    others_median = statistics.median(others)
+    null = _null_level(layer.kernel_size, config)
+    fraction = layer.clustered_fraction
+    # Only against a structured model: early in training every layer sits at the null level.
+    if others_median < config.structured_fraction or fraction > null + config.null_margin:
+        return None
+    k = layer.kernel_size
+    return Anomaly(
+        step, name, "memorisation", "warning",
+        f"layer {name!r} looks memorisation-like: {_pct(fraction)} of its {k}x{k} kernels are clustered, "
+        f"at the {_pct(null)} that spatially shuffled kernels reach, while the median of the "
+        f"other {len(others)} layers is {_pct(others_median)}",
+        {
+            "clustered_fraction": fraction,
+            "null_level": null,
+            "others_median": others_median,
+            "n_others": float(len(others)),
+            "n_kernels": float(layer.n_kernels),
+        },
+    )
+
+
+def _neighbours(name: str, judged: Mapping[str, LayerReport], config: AnomalyConfig) -> list[float]:
+    """Up to ``window`` layers each side among those of the same kernel size (their level
+    differs by size: trained 3x3 layers cluster less than 5x5 ones), else among all."""
+    k = judged[name].kernel_size
+    for pool in ([key for key, layer in judged.items() if layer.kernel_size == k], list(judged)):
+        i = pool.index(name)
+        near = pool[max(i - config.window, 0) : i] + pool[i + 1 : i + 1 + config.window]
+        if len(near) >= config.min_neighbours:
+            return [judged[key].clustered_fraction for key in near]
+    return []
+
+
+def _outlier(
+    step: int, name: str, layer: LayerReport, judged: Mapping[str, LayerReport], config: AnomalyConfig
+) -> Anomaly | None:
+    near = _neighbours(name, judged, config)
+    if not near:
+        return None
+    median = statistics.median(near)
+    mad = statistics.median(abs(x - median) for x in near)
+    spread = max(_MAD_TO_SD * mad, config.mad_floor)
+    fraction = layer.clustered_fraction
+    z = (median - fraction) / spread
+    if median < config.structured_fraction or z < config.outlier_z or fraction >= config.outlier_ratio * median:
+        return None
+    return Anomaly(
+        step, name, "outlier", "warning",
+        f"layer {name!r} is an outlier among its neighbours: {_pct(fraction)} of its kernels are "
+        f"clustered against a median of {_pct(median)} in its {len(near)} neighbouring layers "
+        f"(robust z {z:.1f})",
+        {
+            "clustered_fraction": fraction,
+            "neighbours_median": median,
+            "neighbours_mad": mad,
+            "robust_z": z,
+            "n_neighbours": float(len(near)),
+        },
+    )
+
+
+def _regression(step: int, name: str, layer: LayerReport, best: float, config: AnomalyConfig) -> Anomaly | None:
+    fraction = layer.clustered_fraction
+    drop = best - fraction
+    if best < config.structured_fraction or drop < config.regression_drop:
+        return None
+    return Anomaly(
+        step, name, "regression", "warning",
+        f"layer {name!r} lost structure: its clustered fraction fell from {_pct(best)} (best so far) "
+        f"to {_pct(fraction)}",
+        {"clustered_fraction": fraction, "previous_best": best, "drop": drop},
+    )
+
+
+class AnomalyDetector:
+    """:func:`detect` with the history kept: each :meth:`update` compares with the best
+    clustered fraction each layer reached at earlier updates.
+
+    >>> from kernelwatch.analysis import LayerReport
+    >>> detector = AnomalyDetector()
+    >>> detector.update(0, {"dw": LayerReport("dw", 5, 64, 0, 0.6, {}, {})})
+    []
+    >>> [a.kind for a in detector.update(1, {"dw": LayerReport("dw", 5, 64, 0, 0.1, {}, {})})]
+    ['regression']
+    """
+
+    def __init__(self, config: AnomalyConfig | None = None):
+        self.config = config or AnomalyConfig()
+        # Regression compares with the best earlier value only, so that is all the history kept.
+        self.best: dict[str, float] = {}
+
+    def update(self, step: int, layers: Mapping[str, LayerReport]) -> list[Anomaly]:
+        anomalies = detect(step, layers, [self.best], self.config)
+        for name, layer in layers.items():
+            self.best[name] = max(self.best.get(name, -math.inf), layer.clustered_fraction)
+        return anomalies
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: the best clustered fraction of each layer so far."""
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; the detector keeps its own config."""
+        try:
+            self.best = {str(name): float(value) for name, value in state["best"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise KernelWatchError(f"not an AnomalyDetector state: {err}") from err
