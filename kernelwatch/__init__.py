@@ -26,6 +26,7 @@ _LAZY = {
     "analyze": "kernelwatch.analysis",
     "AnalysisReport": "kernelwatch.analysis",
     "LayerReport": "kernelwatch.analysis",
+    "KernelWatch": "kernelwatch.monitor",
 }
 _SUBMODULES = ("patterns", "init")
 

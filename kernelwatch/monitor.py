@@ -1,0 +1,534 @@
+"""Watch the depthwise kernels of a model while it trains: snapshots on a schedule, classified
+and written to TensorBoard on a background thread. See ``docs/monitor.md``.
+
+>>> import tempfile, torch
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Conv2d(16, 16, 5, groups=16))
+>>> with tempfile.TemporaryDirectory() as log_dir:
+...     with KernelWatch(log_dir, every=2) as watch:
+...         for epoch in range(4):  # epoch 0: before training
+...             _ = watch.on_epoch_end(model, epoch)  # True if it took a snapshot
+>>> watch.steps  # every second epoch, and the last one
+(0, 2, 3)
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tensorboard.compat.proto import event_pb2
+from torch import nn
+
+from kernelwatch._config import SUPPORTED_KERNEL_SIZES
+from kernelwatch.analysis import LayerReport, analyze_layer
+from kernelwatch.anomalies import Anomaly, AnomalyConfig, AnomalyDetector, AnomalyError, severity_at_least
+from kernelwatch.errors import KernelWatchError
+from kernelwatch.extraction import (
+    _DTensor,
+    _FSDP,
+    _NOT_2D,
+    DepthwiseKernels,
+    _add,
+    _bare_named_modules,
+    _one_group_per_channel,
+    is_depthwise,
+)
+from kernelwatch.format import SEVERITIES
+from kernelwatch.metrics import layer_quality
+from kernelwatch.spectrum import Spectrum
+from kernelwatch.writing import EventWriter
+
+logger = logging.getLogger("kernelwatch")
+
+#: Version of :meth:`KernelWatch.state_dict`.
+STATE_VERSION = 1
+_LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_STOP = object()
+
+
+def log_schedule(last: int, n: int = 16) -> list[int]:
+    """``0``, ``last`` and about ``n`` log-spaced points between: dense early, where patterns
+    emerge (appendix G), sparse late.
+
+    >>> log_schedule(100, 8)
+    [0, 1, 2, 4, 7, 14, 27, 52, 100]
+    >>> log_schedule(3)
+    [0, 1, 2, 3]
+    """
+    if isinstance(last, bool) or not isinstance(last, (int, np.integer)) or last < 0:
+        raise KernelWatchError(f"the last epoch of a log schedule must be an integer >= 0, got {last!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise KernelWatchError(f"a log schedule needs n >= 2 points, got {n!r}")
+    points = np.round(np.geomspace(1, max(int(last), 1), int(n))).astype(int) if last > 0 else []
+    return sorted({0, int(last), *(int(p) for p in points)})
+
+
+@dataclass
+class _Snapshot:
+    """Conv weights copied off the device at one step, for the worker."""
+
+    step: int
+    weights: dict[str, torch.Tensor]  # bare layer name -> CPU copy of the conv weight
+    depthwise: list[str]
+    dilation: dict[str, tuple[int, int]]
+    unsupported: dict[str, str]
+    copied: list[Any] = field(default_factory=list)  # CUDA events marking the end of the copies
+    session_start: int | None = None
+
+
+class KernelWatch:
+    """Snapshot a model's conv kernels on a schedule; classify and write them in the background.
+
+    Schedules (one of): ``every=N`` (steps divisible by N; the default is every call),
+    ``schedule=[0, 5, 20]`` (those steps) or ``schedule="log", total_epochs=E``
+    (:func:`log_schedule` of ``E`` with ``n_snapshots`` points). The first call and the last
+    one (see :meth:`close`) always snapshot; a step never snapshots twice.
+
+    ``accelerator`` (an ``accelerate.Accelerator``) or an initialised ``torch.distributed``
+    makes it rank-aware: only the main process copies, classifies and writes. Every rank must
+    still make the same calls, because sharded (FSDP) weights are gathered by a collective.
+
+    Anomalies are logged by the worker; ``on_anomaly(anomaly)`` is called and ``raise_on``
+    (``"info"``, ``"warning"``, ``"error"`` or None) raises :class:`~kernelwatch.anomalies.AnomalyError`
+    on the training thread at the next call (or at :meth:`close`). A failure on the worker is
+    raised there too, as a :class:`KernelWatchError`; the watch writes nothing after it.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        every: int | None = None,
+        *,
+        schedule: Iterable[int] | str | None = None,
+        total_epochs: int | None = None,
+        n_snapshots: int = 16,
+        accelerator: Any = None,
+        on_anomaly: Callable[[Anomaly], None] | None = None,
+        raise_on: str | None = None,
+        anomaly_config: AnomalyConfig | None = None,
+        max_kernels: int = 64,
+        queue_size: int = 2,
+        flush_timeout: float = 60.0,
+        handle_sigterm: bool = True,
+    ):
+        self.log_dir = str(log_dir)
+        self._wanted = _schedule(every, schedule, total_epochs, n_snapshots)
+        if raise_on is not None and raise_on not in SEVERITIES:
+            raise KernelWatchError(f"raise_on must be None or one of {SEVERITIES}, got {raise_on!r}")
+        if queue_size < 1 or max_kernels < 1:
+            raise KernelWatchError("queue_size and max_kernels must be >= 1")
+        self.on_anomaly, self.raise_on, self.max_kernels = on_anomaly, raise_on, max_kernels
+        self.flush_timeout = flush_timeout
+        self._accelerator = accelerator
+        self._is_main = _is_main_process(accelerator)
+        # Schedule state: identical on every rank, so that all enter the same collectives.
+        self._calls = 0
+        self._last_step: int | None = None
+        self._steps: list[int] = []
+        self._last_model: nn.Module | None = None  # the last call's, if it was skipped
+        self._resumed_after: int | None = None
+        self._session_started = False
+        self._closed = False
+        self._failed = False  # set by the worker on its first failure; it writes nothing after
+        # Worker state; shared with the training thread through the queue and this lock only.
+        self._lock = threading.Lock()
+        self._pending: list[Anomaly] = []
+        self._error: BaseException | None = None
+        self._detector = AnomalyDetector(anomaly_config)
+        self._spectra: dict[int, Spectrum] = {}
+        self._warned: set[str] = set()
+        self._writer: EventWriter | None = None
+        self._worker: threading.Thread | None = None
+        self._previous_sigterm: Any = None
+        self._sigterm_installed = False
+        if not self._is_main:
+            return
+        # Raises a KernelWatchError naming the directory if it cannot be written.
+        self._writer = EventWriter(self.log_dir)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._worker = threading.Thread(target=self._work, name="kernelwatch-worker", daemon=True)
+        self._worker.start()
+        atexit.register(self._at_exit)
+        if handle_sigterm and threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._sigterm_installed = True
+
+    # -- the training-side API ------------------------------------------------------------------
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """The steps snapshotted so far (on every rank, written by the main process only)."""
+        return tuple(self._steps)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> bool:
+        """Call after each epoch (and with ``epoch=0`` before training); snapshots when the
+        schedule says so. Returns whether it took a snapshot."""
+        return self.snapshot(model, epoch)
+
+    def snapshot(self, model: nn.Module, step: int, force: bool = False) -> bool:
+        """Snapshot ``model`` at ``step`` if the schedule (or ``force``) says so and ``step`` is
+        later than every earlier call's. Blocks only while the kernels are copied off the
+        device, and while the queue is full (``queue_size`` snapshots waiting)."""
+        self._check_open()
+        self._deliver()
+        step = _check_step(step)
+        if self._last_step is not None and step <= self._last_step:
+            logger.debug("kernelwatch: step %d is not after step %d; skipped", step, self._last_step)
+            return False
+        take = force or self._calls == 0 or self._wanted(step)
+        self._calls += 1
+        self._last_step = step
+        self._last_model = None if take else model
+        if not take or self._failed:
+            return False
+        self._take(model, step)
+        return True
+
+    def on_train_end(self, model: nn.Module, step: int) -> None:
+        """Snapshot the final weights (unless ``step`` was snapshotted already), then :meth:`close`."""
+        self._check_open()
+        self._deliver()
+        step = _check_step(step)
+        if self._last_step is None or step > self._last_step:
+            self.snapshot(model, step, force=True)
+        elif step == self._last_step and self._last_model is not None and not self._failed:
+            self._last_model = None
+            self._take(model, step)
+        self._close(final=False, deliver=True)
+
+    def close(self) -> None:
+        """Take the final snapshot if the last call was skipped (of the model it was given),
+        write everything queued, and close the event file. Idempotent. Raises what the worker
+        or ``raise_on`` left pending."""
+        self._close(final=True, deliver=True)
+
+    def flush(self) -> None:
+        """Block until every snapshot taken so far is classified and in the event file."""
+        self._drain(None)
+        self._deliver()
+
+    def __enter__(self) -> KernelWatch:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # After an exception: flush what was taken, but no final snapshot (under FSDP it would
+        # need every rank, and the others may not get here) and nothing raised over it.
+        self._close(final=exc_type is None, deliver=exc_type is None)
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The timeline so far (JSON-able), to save with the training checkpoint. Waits until
+        the worker has caught up, so that the anomaly history includes every snapshot."""
+        self.flush()
+        return {
+            "version": STATE_VERSION,
+            "calls": self._calls,
+            "last_step": self._last_step,
+            "steps": list(self._steps),
+            "anomalies": self._detector.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the timeline of ``state``: calls up to its last step are skipped, the first
+        call is not forced, and records that a crashed run wrote after that step are dropped
+        by TensorBoard (a restart marker is written). Call before the first snapshot."""
+        if self._calls or self._closed:
+            raise KernelWatchError("load_state_dict must be called before the first snapshot")
+        version = state.get("version") if isinstance(state, dict) else None
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise KernelWatchError(
+                f"not a KernelWatch state this kernelwatch reads (version {version!r}; it reads up to {STATE_VERSION})"
+            )
+        try:
+            calls, last_step = int(state["calls"]), state["last_step"]
+            steps = [int(s) for s in state["steps"]]
+            anomalies = state["anomalies"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise KernelWatchError(f"not a KernelWatch state: {err!r}") from err
+        self._detector.load_state_dict(anomalies)
+        self._calls, self._steps = calls, steps
+        self._last_step = None if last_step is None else int(last_step)
+        self._resumed_after = self._last_step
+
+    # -- training thread internals --------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KernelWatchError(f"this KernelWatch for {self.log_dir!r} is closed")
+
+    def _take(self, model: nn.Module, step: int) -> None:
+        snapshot = self._copy(model, step)
+        self._steps.append(step)
+        if snapshot is None:  # not the main process
+            return
+        if not self._session_started:
+            self._session_started = True
+            # Marks a (re)start for TensorBoard: it drops what a crashed run wrote after the
+            # checkpoint this run resumed from, so no step appears twice.
+            snapshot.session_start = step if self._resumed_after is None else self._resumed_after + 1
+        # Blocks while queue_size snapshots wait: memory stays bounded, no snapshot is lost.
+        self._queue.put(snapshot)
+
+    def _copy(self, model: nn.Module, step: int) -> _Snapshot | None:
+        """Copy every Conv2d weight off the device; gather sharded ones on every rank."""
+        if not isinstance(model, nn.Module):
+            raise KernelWatchError(f"KernelWatch needs the nn.Module being trained, got {type(model).__name__}")
+        sharded = any(isinstance(m, _FSDP) for m in model.modules()) or any(
+            isinstance(p, _DTensor) for p in model.parameters()
+        )
+        # Checked on every rank, so that all raise alike.
+        depthwise_3d = (isinstance(m, nn.Conv3d) and _one_group_per_channel(m) for m in model.modules())
+        if not any(is_depthwise(m) for m in model.modules()) and not any(depthwise_3d):
+            raise KernelWatchError(
+                f"no depthwise convolutions in {type(model).__name__} (nn.Conv2d with groups == "
+                "in_channels > 1): nothing for KernelWatch to watch"
+            )
+        if not sharded and not self._is_main:
+            return None  # DDP: every rank holds the same weights; no collective needed
+        if not sharded and self._accelerator is not None:
+            model = self._accelerator.unwrap_model(model)
+        snapshot = _Snapshot(step, {}, [], {}, {})
+        has_fsdp1 = sharded and any(isinstance(m, _FSDP) for m in model.modules())
+        gathered = _FSDP.summon_full_params(model, writeback=False) if has_fsdp1 else nullcontext()
+        cuda_devices = set()
+        with torch.no_grad(), gathered:
+            for name, module in _bare_named_modules(model):
+                if isinstance(module, nn.Conv3d) and _one_group_per_channel(module):
+                    snapshot.unsupported[name] = _NOT_2D.format(shape=list(module.weight.shape))
+                if not isinstance(module, nn.Conv2d):
+                    continue
+                weight = module.weight
+                if isinstance(weight, _DTensor):
+                    weight = weight.full_tensor()  # a collective: every rank, same order
+                if not self._is_main:
+                    continue
+                snapshot.weights[name] = _off_device(weight)
+                if weight.device.type == "cuda":
+                    cuda_devices.add(weight.device)
+                if is_depthwise(module):
+                    snapshot.depthwise.append(name)
+                    if any(d > 1 for d in module.dilation):
+                        snapshot.dilation[name] = tuple(module.dilation)
+        for device in cuda_devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            snapshot.copied.append(event)
+        return snapshot if self._is_main else None
+
+    def _deliver(self) -> None:
+        """Hand what the worker left on to the training thread: its failure, then anomalies."""
+        with self._lock:
+            error, self._error = self._error, None
+            anomalies, self._pending = self._pending, []
+        if error is not None:
+            raise KernelWatchError(
+                f"kernelwatch's background worker failed ({type(error).__name__}: {error}); "
+                f"snapshots before it are in {self.log_dir!r}, none are written after it"
+            ) from error
+        for anomaly in anomalies:
+            if self.on_anomaly is not None:
+                self.on_anomaly(anomaly)
+        flagged = [a for a in anomalies if self.raise_on is not None and severity_at_least(a, self.raise_on)]
+        if flagged:
+            raise AnomalyError(flagged)
+
+    def _close(self, final: bool, deliver: bool) -> None:
+        if self._closed:
+            return
+        try:
+            model, self._last_model = self._last_model, None
+            if final and model is not None and not self._failed:
+                self._take(model, self._last_step)
+        finally:
+            self._closed = True
+            self._shutdown()
+        if deliver:
+            self._deliver()
+        elif self._error is not None:
+            logger.error("kernelwatch's background worker failed: %r", self._error)
+
+    def _shutdown(self) -> None:
+        """Stop the worker once it has written everything queued; close the file."""
+        if self._worker is None:
+            return
+        self._queue.put(_STOP)
+        self._worker.join(self.flush_timeout)
+        if self._worker.is_alive():
+            logger.error("kernelwatch: worker still busy after %.0f s; closing without it", self.flush_timeout)
+        self._writer.close()
+        atexit.unregister(self._at_exit)
+        # Only the main thread may set handlers; a handler set after ours stays (it chains to us,
+        # and ours passes on once closed).
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if self._sigterm_installed and in_main_thread and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+    def _drain(self, timeout: float | None) -> None:
+        """Wait until the worker has written every queued snapshot (or ``timeout`` passed)."""
+        if self._worker is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Polling, not Queue.join(): a signal handler must not wait on a lock the code it
+        # interrupted may hold.
+        while self._queue.unfinished_tasks and self._worker.is_alive():
+            if deadline is not None and time.monotonic() > deadline:
+                logger.error("kernelwatch: snapshots not written within %.0f s", timeout)
+                return
+            time.sleep(0.005)
+        self._writer.flush()  # a no-op once closed
+
+    def _at_exit(self) -> None:
+        self._close(final=False, deliver=False)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self._closed:
+            self._drain(self.flush_timeout)
+        previous = self._previous_sigterm
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:  # the default action (or a handler set outside Python)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # -- the worker -----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        # No torch.set_num_threads here: it is process-wide and would shrink training's pool too.
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if not self._failed:
+                    self._process(item)
+            except BaseException as err:  # handed to the training thread, which raises it
+                with self._lock:
+                    self._failed, self._error = True, err
+            finally:
+                self._queue.task_done()
+
+    def _process(self, snapshot: _Snapshot) -> None:
+        for event in snapshot.copied:
+            event.synchronize()
+        step, writer = snapshot.step, self._writer
+        if snapshot.session_start is not None:
+            # EventWriter writes summaries only; its file writer takes this plain Event too.
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            marker = event_pb2.Event(wall_time=time.time(), step=snapshot.session_start, session_log=start)
+            writer._writer.add_event(marker)
+        kernels = DepthwiseKernels()
+        kernels.unsupported.update(snapshot.unsupported)
+        for name in snapshot.depthwise:
+            _add(kernels, name, snapshot.weights[name])
+        self._warn_once(
+            "unsupported",
+            "%d depthwise layer(s) left out: %s",
+            len(kernels.unsupported),
+            "; ".join(f"{name or '<root>'}: {why}" for name, why in kernels.unsupported.items()),
+            when=bool(kernels.unsupported),
+        )
+        reports: dict[str, LayerReport] = {}
+        no_spectrum = []
+        for name, layer in kernels.items():
+            spectrum = self._spectrum(layer.shape[-1])
+            if spectrum is None:
+                no_spectrum.append(f"{name or '<root>'} ({layer.shape[-1]}x{layer.shape[-1]})")
+                continue
+            writer.write_spectrum(step, spectrum)
+            reports[name] = analyze_layer(name, layer, spectrum, snapshot.dilation.get(name))
+            writer.write_layer(step, reports[name], layer, max_kernels=self.max_kernels)
+        self._warn_once(
+            "no_spectrum",
+            "no spectrum ships for the kernels of %s (shipped sizes: %s); these layers are skipped",
+            ", ".join(no_spectrum),
+            SUPPORTED_KERNEL_SIZES,
+            when=bool(no_spectrum),
+        )
+        for name, weight in snapshot.weights.items():
+            if not weight.is_meta:
+                writer.write_quality(step, name, layer_quality(weight))
+        anomalies = self._detector.update(step, reports)
+        writer.write_anomalies(step, [a.to_dict() for a in anomalies])
+        # One flush per snapshot: a process killed later keeps this snapshot readable.
+        writer.flush()
+        for anomaly in anomalies:
+            logger.log(_LOG_LEVELS[anomaly.severity], "kernelwatch step %d: %s", step, anomaly.message)
+        with self._lock:
+            self._pending.extend(anomalies)
+
+    def _spectrum(self, kernel_size: int) -> Spectrum | None:
+        if kernel_size not in SUPPORTED_KERNEL_SIZES:
+            return None
+        if kernel_size not in self._spectra:
+            self._spectra[kernel_size] = Spectrum.pretrained(kernel_size)
+        return self._spectra[kernel_size]
+
+    def _warn_once(self, key: str, message: str, *args: Any, when: bool) -> None:
+        if when and key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+
+def _schedule(
+    every: int | None, schedule: Iterable[int] | str | None, total_epochs: int | None, n_snapshots: int
+) -> Callable[[int], bool]:
+    """Whether a step is wanted, by one of the three kinds of schedule."""
+    if every is not None and schedule is not None:
+        raise KernelWatchError("give either every= or schedule=, not both")
+    if schedule is None:
+        every = 1 if every is None else every
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+            raise KernelWatchError(f"every must be an integer >= 1, got {every!r}")
+        return lambda step: step % every == 0
+    if isinstance(schedule, str):
+        if schedule != "log":
+            raise KernelWatchError(f"schedule must be 'log' or a list of steps, got {schedule!r}")
+        if total_epochs is None:
+            raise KernelWatchError("schedule='log' needs total_epochs= (the last epoch or step the run reaches)")
+        wanted = frozenset(log_schedule(total_epochs, n_snapshots))
+    else:
+        try:
+            wanted = frozenset(_check_step(step) for step in schedule)
+        except TypeError as err:
+            raise KernelWatchError(f"schedule must be 'log' or a list of integer steps, got {schedule!r}") from err
+    return wanted.__contains__
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise KernelWatchError(f"step must be an integer, got {step!r}")
+    return int(step)
+
+
+def _is_main_process(accelerator: Any) -> bool:
+    if accelerator is not None:
+        return bool(accelerator.is_main_process)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
+
+
+def _off_device(weight: torch.Tensor) -> torch.Tensor:
+    """A CPU copy; from CUDA into pinned memory without waiting (a CUDA event marks the end)."""
+    weight = weight.detach()
+    if weight.is_meta:
+        return weight
+    if weight.device.type == "cuda":
+        buffer = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
+        return buffer.copy_(weight, non_blocking=True)
+    # A copy even on CPU: training updates the weights in place while the worker reads them.
+    return weight.to("cpu", copy=True)
+
+
+__all__ = ["STATE_VERSION", "KernelWatch", "log_schedule"]

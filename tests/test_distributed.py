@@ -1,0 +1,73 @@
+"""KernelWatch under ``accelerate launch`` with two CPU processes (gloo): DDP, FSDP2 and FSDP1.
+
+Both ranks must exit 0, only the main process may write (one event file), and what it writes
+must equal a single-process run of the same training (tests/scripts/monitor_run.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "monitor_run.py"
+ROOT = SCRIPT.parents[2]
+# One thread per process: two ranks share this runner's cores.
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+STEPS = [0, 2, 4, 5]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read(log_dir: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {
+        tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+        for tag in acc.Tags()["tensors"]
+    }
+
+
+def run(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    log_dir = tmp_path_factory.mktemp("single")
+    assert f"rank 0 steps {STEPS}" in run([sys.executable, str(SCRIPT), str(log_dir), "ddp"])
+    return read(log_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp1"])
+def test_two_ranks_one_writer_same_results(tmp_path, single, mode):
+    # accelerate starts several CPU processes only through --multi_gpu (its --cpu flag means one
+    # process); the script's Accelerator(cpu=True) then joins them with gloo.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(free_port())]
+    output = run([*launch, str(SCRIPT), str(tmp_path), mode])
+    # Both ranks kept the same timeline (under FSDP both gathered at every snapshot).
+    assert f"rank 0 steps {STEPS}" in output and f"rank 1 steps {STEPS}" in output
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 1 and files[0].name.startswith("events.out.tfevents.")
+    records = read(tmp_path)
+    assert records.keys() == single.keys() and len(records) > 30
+    for tag, series in single.items():
+        assert [step for step, _ in records[tag]] == [step for step, _ in series], tag
+        for (_, value), (_, expected) in zip(records[tag], series):
+            np.testing.assert_array_equal(value, expected, err_msg=tag)

@@ -1,0 +1,417 @@
+"""KernelWatch on real models, read back with TensorBoard's event accumulator: schedules,
+records, signals, crashes, resume, anomalies and bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+from torch import nn
+
+import kernelwatch
+from kernelwatch import format as fmt
+from kernelwatch.analysis import analyze_layer
+from kernelwatch.anomalies import AnomalyConfig, AnomalyError
+from kernelwatch.errors import KernelWatchError
+from kernelwatch.extraction import extract_depthwise
+from kernelwatch.init import dog_
+from kernelwatch.metrics import layer_quality
+from kernelwatch.monitor import KernelWatch, log_schedule
+from kernelwatch.spectrum import Spectrum
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+# Shared by this file and the scripts it runs in child processes.
+NET = """
+import torch
+from torch import nn
+
+def net(channels=16):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1),
+        nn.Conv2d(channels, channels, 5, padding=2, groups=channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1, groups=channels),
+    )
+
+def train_epoch(model, epoch):
+    # Seeded by epoch, so that a resumed run retraces an uninterrupted one exactly.
+    generator = torch.Generator().manual_seed(epoch)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        x = torch.randn(4, 3, 8, 8, generator=generator)
+        loss = (model(x) - x.mean(1, keepdim=True)).pow(2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+"""
+exec(NET)  # defines net() and train_epoch()
+
+DW = ("1", "3")
+CONVS = ("0", "1", "3")
+
+
+def layer_tags() -> set[str]:
+    kinds = (fmt.PROPORTIONS, fmt.CLUSTERED_FRACTION, fmt.TOTAL_ACTIVATION, fmt.CODE_HISTOGRAM, fmt.SPRITE)
+    tags = {fmt.make_tag(kind, layer) for kind in kinds for layer in DW}
+    return tags | {fmt.make_tag(fmt.QUALITY, layer) for layer in CONVS} | {fmt.make_tag(fmt.ANOMALIES)}
+
+
+def read(log_dir: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Every kernelwatch record under ``log_dir``: tag -> [(step, value)], as TensorBoard reads it."""
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {
+        tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+        for tag in acc.Tags()["tensors"]
+        if tag.startswith("kernelwatch/")
+    }
+
+
+def steps(records: dict, tag: str) -> list[int]:
+    return [step for step, _ in records[tag]]
+
+
+def assert_steps(log_dir: Path, expected: list[int]) -> dict:
+    records = read(log_dir)
+    assert layer_tags() <= set(records)
+    for tag in layer_tags():
+        assert steps(records, tag) == expected, tag
+    return records
+
+
+def run_epochs(watch: KernelWatch, model: nn.Module, epochs) -> list[int]:
+    taken = []
+    for epoch in epochs:
+        if epoch:
+            train_epoch(model, epoch)
+        if watch.on_epoch_end(model, epoch):
+            taken.append(epoch)
+    return taken
+
+
+def test_every_n_records_match_the_weights_at_each_snapshot(tmp_path):
+    model = net()
+    expected = {}
+    with KernelWatch(tmp_path, every=2) as watch:
+        for epoch in range(6):
+            if epoch:
+                train_epoch(model, epoch)
+            expected[epoch] = {name: m.weight.detach().clone() for name, m in model.named_modules() if name in CONVS}
+            watch.on_epoch_end(model, epoch)
+    assert watch.steps == (0, 2, 4, 5)  # 5: the last call, taken at close
+    records = assert_steps(tmp_path, [0, 2, 4, 5])
+    spectra = {k: Spectrum.pretrained(k) for k in (3, 5)}
+    for step in (0, 2, 4, 5):
+        weights = expected[step]
+        for layer in DW:
+            report = analyze_layer(layer, weights[layer].squeeze(1), spectra[weights[layer].shape[-1]])
+            written = dict(records[fmt.make_tag(fmt.PROPORTIONS, layer)])[step]
+            np.testing.assert_allclose(written, [report.proportions[c] for c in kernelwatch.CLUSTERS], rtol=1e-6)
+            counts = dict(records[fmt.make_tag(fmt.CLUSTERED_FRACTION, layer)])[step]
+            assert counts.tolist() == [report.clustered_fraction, 16, 0]
+        for layer in CONVS:
+            quality = layer_quality(weights[layer])
+            written = dict(records[fmt.make_tag(fmt.QUALITY, layer)])[step]
+            np.testing.assert_allclose(written, [quality[m] for m in fmt.QUALITY_METRICS], equal_nan=True)
+    # The spectrum of each kernel size once per run, at the first snapshot.
+    assert steps(records, fmt.make_tag(fmt.SPECTRUM, 3)) == steps(records, fmt.make_tag(fmt.SPECTRUM, 5)) == [0]
+    # Weights moved between snapshots, so the records must differ.
+    quality = records[fmt.make_tag(fmt.QUALITY, "0")]
+    assert not np.array_equal(quality[0][1], quality[-1][1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "calls", "expected"),
+    [
+        ({"schedule": [0, 3, 7]}, range(9), [0, 3, 7, 8]),
+        ({"schedule": [5]}, range(1, 7), [1, 5, 6]),  # the first call always snapshots
+        ({"schedule": "log", "total_epochs": 20, "n_snapshots": 5}, range(21), [0, 1, 2, 4, 9, 20]),
+        ({}, range(3), [0, 1, 2]),
+    ],
+)
+def test_schedules(tmp_path, kwargs, calls, expected):
+    if kwargs.get("schedule") == "log":
+        assert log_schedule(20, 5) == expected
+    model = net()
+    watch = KernelWatch(tmp_path, **kwargs)
+    with torch.no_grad():
+        for epoch in calls:
+            model[1].weight.add_(0.01)
+            watch.on_epoch_end(model, epoch)
+    watch.close()
+    watch.close()  # idempotent
+    assert watch.steps == tuple(expected)
+    assert_steps(tmp_path, expected)
+
+
+def test_step_based_snapshots_and_on_train_end(tmp_path):
+    model = net()
+    watch = KernelWatch(tmp_path, every=10)
+    taken = [step for step in range(36) if watch.snapshot(model, step)]
+    assert taken == [0, 10, 20, 30]
+    assert not watch.snapshot(model, 30)  # a step never snapshots twice
+    assert not watch.snapshot(model, 33, force=True)  # nor goes back
+    assert watch.snapshot(model, 37, force=True)
+    watch.on_train_end(model, 40)
+    watch.close()
+    assert_steps(tmp_path, [0, 10, 20, 30, 37, 40])
+    with pytest.raises(KernelWatchError, match="closed"):
+        watch.snapshot(model, 50)
+
+
+def test_an_exception_in_the_with_block_flushes_and_propagates(tmp_path):
+    model = net()
+    with pytest.raises(RuntimeError, match="diverged"):
+        with KernelWatch(tmp_path, every=3, queue_size=8) as watch:
+            run_epochs(watch, model, range(5))
+            raise RuntimeError("diverged")
+    # 4 was skipped and stays so: no final snapshot after an error.
+    assert_steps(tmp_path, [0, 3])
+
+
+SIGTERM_CHILD = NET + """
+import sys, time
+from kernelwatch import KernelWatch
+model = net(64)
+watch = KernelWatch(sys.argv[1], every=1, queue_size=16)
+with torch.no_grad():
+    for step in range(8):
+        model[1].weight.add_(0.01)
+        watch.snapshot(model, step)
+print("queued", flush=True)
+time.sleep(60)
+"""
+
+
+def test_sigterm_writes_every_queued_snapshot(tmp_path):
+    command = [sys.executable, "-c", SIGTERM_CHILD, str(tmp_path)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert child.stdout.readline().strip() == "queued"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == -signal.SIGTERM  # the default action still ends it
+    finally:
+        child.kill()
+    assert_steps(tmp_path, list(range(8)))
+
+
+def test_sigterm_handler_chains_to_the_previous_one(tmp_path):
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        model = net()
+        watch = KernelWatch(tmp_path, every=1, queue_size=8)
+        run_epochs(watch, model, range(3))
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
+        assert_steps(tmp_path, [0, 1, 2])  # written before close
+        watch.close()
+        assert signal.getsignal(signal.SIGTERM) is not watch._on_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+SIGKILL_CHILD = NET + """
+import sys
+from kernelwatch import KernelWatch
+model, n = net(), int(sys.argv[2])
+watch = KernelWatch(sys.argv[1], every=1)
+step = 0
+with torch.no_grad():
+    while True:
+        model[1].weight.add_(0.01)
+        watch.snapshot(model, step)
+        if step == n - 1:
+            watch.flush()
+            print("flushed", flush=True)
+        step += 1
+"""
+
+
+def test_sigkill_keeps_every_completed_snapshot(tmp_path):
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGKILL_CHILD, str(tmp_path), "4"], stdout=subprocess.PIPE, text=True, env=ENV
+    )
+    try:
+        assert child.stdout.readline().strip() == "flushed"
+        time.sleep(0.3)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    records = read(tmp_path)
+    # The anomalies record closes a snapshot: every snapshot up to its last one is complete.
+    completed = steps(records, fmt.make_tag(fmt.ANOMALIES))
+    assert completed == list(range(len(completed))) and len(completed) >= 4
+    for tag in layer_tags():
+        assert steps(records, tag)[: len(completed)] == completed, tag
+
+
+CRASHED_RUN = NET + """
+import os, sys
+from kernelwatch import KernelWatch
+log_dir, checkpoint = sys.argv[1], sys.argv[2]
+model = net()
+watch = KernelWatch(log_dir, every=2)
+for epoch in range(7):
+    if epoch:
+        train_epoch(model, epoch)
+    watch.on_epoch_end(model, epoch)
+    if epoch == 4:
+        torch.save({"model": model.state_dict(), "watch": watch.state_dict()}, checkpoint)
+watch.flush()
+os._exit(0)  # dies after epoch 6 was written, without closing: the run resumes from epoch 4
+"""
+
+
+def test_a_resumed_run_continues_the_timeline(tmp_path):
+    reference_dir, resumed_dir, checkpoint = tmp_path / "reference", tmp_path / "resumed", tmp_path / "ckpt.pt"
+    reference = net()
+    with KernelWatch(reference_dir, every=2) as watch:
+        run_epochs(watch, reference, range(10))
+    subprocess.run([sys.executable, "-c", CRASHED_RUN, str(resumed_dir), str(checkpoint)], check=True, env=ENV)
+    assert assert_steps(resumed_dir, [0, 2, 4, 6])  # what the crashed run left
+    # TensorBoard reads a directory's files in the order of the creation second in their names:
+    # a resumed run's file must not start within the same second as the crashed run's.
+    time.sleep(1.0)
+    state = torch.load(checkpoint, weights_only=True)
+    model = net()
+    model.load_state_dict(state["model"])
+    watch = KernelWatch(resumed_dir, every=2)
+    watch.load_state_dict(state["watch"])
+    assert not watch.snapshot(model, 4)  # already in the restored timeline
+    assert run_epochs(watch, model, range(5, 10)) == [6, 8]
+    watch.close()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert watch.steps == (0, 2, 4, 6, 8, 9)
+    expected = assert_steps(reference_dir, [0, 2, 4, 6, 8, 9])
+    resumed = assert_steps(resumed_dir, [0, 2, 4, 6, 8, 9])  # 6 once: the crashed run's is dropped
+    for tag in layer_tags() - {fmt.make_tag(fmt.SPRITE, layer) for layer in DW}:
+        for (_, a), (_, b) in zip(expected[tag], resumed[tag]):
+            np.testing.assert_array_equal(a, b, err_msg=tag)
+    with pytest.raises(KernelWatchError, match="before the first snapshot"):
+        watch.load_state_dict(state["watch"])
+
+
+def dog_model() -> nn.Module:
+    return dog_(nn.Sequential(*[nn.Conv2d(32, 32, 5, padding=2, groups=32) for _ in range(5)]), seed=0)
+
+
+def test_anomalies_are_logged_hooked_written_and_raised_on_the_training_thread(tmp_path, caplog):
+    model = dog_model()
+    hooked = []
+    watch = KernelWatch(
+        tmp_path, on_anomaly=lambda a: hooked.append((a, threading.current_thread())), raise_on="warning"
+    )
+    watch.snapshot(model, 0)
+    watch.flush()
+    assert hooked == []
+    with torch.no_grad():
+        model[2].weight.normal_()  # one layer's kernels become noise
+    with caplog.at_level(logging.WARNING, logger="kernelwatch"):
+        watch.snapshot(model, 1)
+        with pytest.raises(AnomalyError) as raised:
+            watch.flush()  # raised by the next call once the worker is done, not from the worker
+    flagged = [(1, "2", "memorisation"), (1, "2", "regression")]
+    assert [(a.step, a.layer, a.kind) for a in raised.value.anomalies] == flagged
+    assert [(a.layer, a.kind, thread) for a, thread in hooked] == [(*f[1:], threading.main_thread()) for f in flagged]
+    assert any("'2' looks memorisation-like" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    watch.close()
+    records = read(tmp_path)
+    written = {step: fmt.decode_json(value[0]) for step, value in records[fmt.make_tag(fmt.ANOMALIES)]}
+    assert written[0] == [] and [(a["step"], a["layer"], a["kind"]) for a in written[1]] == flagged
+
+
+def test_a_worker_failure_is_raised_on_the_training_thread(tmp_path):
+    model = dog_model()
+    # A bad threshold only fails when the worker applies it.
+    watch = KernelWatch(tmp_path, anomaly_config=AnomalyConfig(null_levels={5: "high"}))
+    watch.snapshot(model, 0)
+    with pytest.raises(KernelWatchError, match="background worker failed") as raised:
+        watch.flush()
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert not watch.snapshot(model, 1)  # disabled: nothing taken, no second error
+    watch.close()
+    assert fmt.make_tag(fmt.ANOMALIES) not in read(tmp_path)
+
+
+def test_no_depthwise_layers_fail_at_the_first_snapshot(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1))
+    watch = KernelWatch(tmp_path)  # the model is not known yet
+    with pytest.raises(KernelWatchError, match="no depthwise convolutions in Sequential"):
+        watch.snapshot(model, 0)
+    watch.close()
+
+
+def test_nan_weights_are_invalid_and_logged(tmp_path, caplog):
+    model = net()
+    with torch.no_grad():
+        model[3].weight[:4] = float("nan")
+    with caplog.at_level(logging.INFO, logger="kernelwatch"), KernelWatch(tmp_path) as watch:
+        watch.snapshot(model, 0)
+        watch.flush()
+    assert any("'3' has 4 of 16 invalid kernels" in r.getMessage() for r in caplog.records)
+    records = read(tmp_path)
+    assert records[fmt.make_tag(fmt.CLUSTERED_FRACTION, "3")][0][1][2] == 4  # n_invalid
+    assert np.isnan(records[fmt.make_tag(fmt.QUALITY, "3")][0][1][0])
+
+
+def test_unwritable_log_dir_fails_at_construction(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(KernelWatchError, match="cannot write TensorBoard events"):
+        KernelWatch(tmp_path / "a_file" / "logs")
+
+
+def test_unsupported_sizes_are_skipped_with_one_warning(tmp_path, caplog):
+    model = nn.Sequential(nn.Conv2d(8, 8, 9, groups=8), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, (1, 3), groups=8))
+    with caplog.at_level(logging.WARNING, logger="kernelwatch"), KernelWatch(tmp_path) as watch:
+        for step in range(3):
+            watch.snapshot(model, step)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("no spectrum ships for the kernels of 0 (9x9)" in m for m in messages) == 1
+    assert sum("left out: 2: non-square kernel 1x3" in m for m in messages) == 1
+    records = read(tmp_path)
+    assert steps(records, fmt.make_tag(fmt.PROPORTIONS, "1")) == [0, 1, 2]
+    assert fmt.make_tag(fmt.PROPORTIONS, "0") not in records
+    assert steps(records, fmt.make_tag(fmt.QUALITY, "0")) == [0, 1, 2]  # quality for every conv
+
+
+def test_bad_arguments():
+    with pytest.raises(KernelWatchError, match="either every= or schedule="):
+        KernelWatch("unused", every=2, schedule=[1])
+    with pytest.raises(KernelWatchError, match="needs total_epochs"):
+        KernelWatch("unused", schedule="log")
+    with pytest.raises(KernelWatchError, match="every must be an integer"):
+        KernelWatch("unused", every=0)
+    with pytest.raises(KernelWatchError, match="raise_on"):
+        KernelWatch("unused", raise_on="fatal")
+    assert not Path("unused").exists()
+
+
+def test_public_api_and_state_dict(tmp_path):
+    assert kernelwatch.KernelWatch is KernelWatch
+    model = net()
+    with KernelWatch(tmp_path, every=2) as watch:
+        run_epochs(watch, model, range(3))
+        state = watch.state_dict()
+        with pytest.raises(KernelWatchError, match="step must be an integer"):
+            watch.snapshot(model, 2.5)
+    assert state == {"version": 1, "calls": 3, "last_step": 2, "steps": [0, 2], "anomalies": state["anomalies"]}
+    with pytest.raises(KernelWatchError, match="not a KernelWatch state"):
+        with KernelWatch(tmp_path / "other") as other:
+            other.load_state_dict({"version": 1})
+    assert set(extract_depthwise(model)) == set(DW)
