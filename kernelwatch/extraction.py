@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 
 import torch
@@ -19,8 +19,6 @@ logger = logging.getLogger("kernelwatch")
 _CHECKPOINT_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state_dict", "module", "net")
 #: Attributes through which torch.compile, FSDP1 and activation checkpointing hold the real model.
 _WRAPPER_ATTRS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
-#: Why a depthwise Conv3d is left out.
-_NOT_2D = "3-D depthwise convolution (weight {shape}); only 2-D kernels are analysed"
 #: Wrappers that hold the real model as ``.module``.
 _DATA_PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
@@ -43,6 +41,21 @@ class DepthwiseKernels(OrderedDict[str, torch.Tensor]):
         self.dilated: dict[str, tuple[int, int]] = {}
         self.unsupported: dict[str, str] = {}
 
+    def add(self, name: str, weight: torch.Tensor) -> None:
+        """Record a full ``[C, 1, k, k]`` weight as kernels, or under ``unsupported`` with why."""
+        reason = unsupported_reason(weight)
+        if reason is not None:
+            self.unsupported[name] = reason
+            return
+        if isinstance(weight, _DTensor):  # an FSDP2 state dict: gathering is a collective
+            weight = weight.full_tensor()
+        # A copy, so the snapshot neither changes with training nor outlives gathered FSDP storage.
+        self[name] = (
+            weight.detach()
+            .to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+            .squeeze(1)
+        )
+
 
 def is_depthwise(module: nn.Module) -> bool:
     """Whether ``module`` is a 2-D depthwise convolution (depth multiplier ``out / in >= 1``).
@@ -51,6 +64,11 @@ def is_depthwise(module: nn.Module) -> bool:
     (True, False)
     """
     return isinstance(module, nn.Conv2d) and _one_group_per_channel(module)
+
+
+def is_depthwise_any(module: nn.Module) -> bool:
+    """:func:`is_depthwise` for 2-D and 3-D convolutions (3-D ones are reported, not analysed)."""
+    return isinstance(module, (nn.Conv2d, nn.Conv3d)) and _one_group_per_channel(module)
 
 
 def _one_group_per_channel(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> bool:
@@ -127,18 +145,42 @@ def extract_depthwise(
 
 def _from_module(model: nn.Module) -> DepthwiseKernels:
     kernels = DepthwiseKernels()
+    for name, module, weight in iter_conv_weights(model, select=is_depthwise_any):
+        kernels.add(name, weight)
+        if name in kernels and any(d > 1 for d in module.dilation):
+            kernels.dilated[name] = tuple(module.dilation)
+    return kernels
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether some weights of ``model`` are sharded across ranks (FSDP1 wrappers, FSDP2 DTensors)."""
+    return any(isinstance(m, _FSDP) for m in model.modules()) or any(
+        isinstance(p, _DTensor) for p in model.parameters()
+    )
+
+
+def iter_conv_weights(
+    model: nn.Module, select: Callable[[nn.Module], bool] | None = None
+) -> Iterator[tuple[str, nn.Module, torch.Tensor]]:
+    """``(bare name, module, full weight)`` of every convolution ``select`` accepts, in order.
+
+    Sharded weights are gathered: with FSDP that is a collective, so every rank must run the
+    iterator to its end, with the same ``select``. The weights are views, not copies.
+
+    >>> model = nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 8, 1))
+    >>> [(name, tuple(w.shape)) for name, _, w in iter_conv_weights(model)]
+    [('0', (3, 1, 3, 3)), ('1', (8, 3, 1, 1))]
+    """
     has_fsdp1 = any(isinstance(module, _FSDP) for module in model.modules())
     # FSDP1 holds flat shards between forward passes; the layers' weights exist only once gathered.
     gathered = _FSDP.summon_full_params(model, writeback=False) if has_fsdp1 else nullcontext()
     with gathered:
         for name, module in _bare_named_modules(model):
-            if isinstance(module, nn.Conv3d) and _one_group_per_channel(module):
-                kernels.unsupported[name] = _NOT_2D.format(shape=list(module.weight.shape))
-            elif is_depthwise(module):
-                _add(kernels, name, module.weight)
-                if name in kernels and any(d > 1 for d in module.dilation):
-                    kernels.dilated[name] = tuple(module.dilation)
-    return kernels
+            if isinstance(module, nn.modules.conv._ConvNd) and (select is None or select(module)):
+                weight = module.weight
+                if isinstance(weight, _DTensor):
+                    weight = weight.full_tensor()  # FSDP2: a collective, every rank in the same order
+                yield name, module, weight
 
 
 def _bare_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -184,11 +226,8 @@ def _from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> DepthwiseKernels
         per_channel = weight.ndim > 3 and shape[0] > 1 and shape[1] == 1 and shape[2:].numel() > 1
         if not (key.endswith("weight") and weight.is_floating_point() and per_channel):
             continue
-        name = _bare_key(key.removesuffix(".weight"))
-        if weight.ndim == 4:
-            _add(kernels, name, weight)
-        elif weight.ndim == 5:
-            kernels.unsupported[name] = _NOT_2D.format(shape=list(shape))
+        if weight.ndim in (4, 5):
+            kernels.add(_bare_key(key.removesuffix(".weight")), weight)
     return kernels
 
 
@@ -200,23 +239,20 @@ def _bare_key(name: str) -> str:
     return ".".join(part for part in parts if part not in _WRAPPER_ATTRS)
 
 
-def _add(kernels: DepthwiseKernels, name: str, weight: torch.Tensor) -> None:
-    """Record one ``[C, 1, kh, kw]`` weight as kernels, or say why it cannot be analysed."""
-    kh, kw = weight.shape[2:]
+def unsupported_reason(weight: torch.Tensor) -> str | None:
+    """Why a depthwise weight cannot be analysed as k x k kernels, or None if it can.
+
+    >>> unsupported_reason(torch.zeros(4, 1, 1, 5))
+    'non-square kernel 1x5 (weight [4, 1, 1, 5]); only k x k kernels are analysed'
+    """
+    shape = list(weight.shape)
+    if weight.ndim == 5:
+        return f"3-D depthwise convolution (weight {shape}); only 2-D kernels are analysed"
     if weight.is_meta:
-        kernels.unsupported[name] = f"weight {list(weight.shape)} is on the meta device and holds no values"
-    elif kh != kw:
-        kernels.unsupported[name] = (
-            f"non-square kernel {kh}x{kw} (weight {list(weight.shape)}); only k x k kernels are analysed"
-        )
-    elif kh == 1:
-        kernels.unsupported[name] = f"1x1 kernel (weight {list(weight.shape)}) has no spatial pattern"
-    else:
-        if isinstance(weight, _DTensor):
-            weight = weight.full_tensor()
-        # A copy, so the snapshot neither changes with training nor outlives gathered FSDP storage.
-        kernels[name] = (
-            weight.detach()
-            .to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
-            .squeeze(1)
-        )
+        return f"weight {shape} is on the meta device and holds no values"
+    kh, kw = weight.shape[2:]
+    if kh != kw:
+        return f"non-square kernel {kh}x{kw} (weight {shape}); only k x k kernels are analysed"
+    if kh == 1:
+        return f"1x1 kernel (weight {shape}) has no spatial pattern"
+    return None

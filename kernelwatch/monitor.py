@@ -21,13 +21,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from tensorboard.compat.proto import event_pb2
 from torch import nn
 
 from kernelwatch._config import SUPPORTED_KERNEL_SIZES
@@ -35,14 +33,12 @@ from kernelwatch.analysis import LayerReport, analyze_layer
 from kernelwatch.anomalies import Anomaly, AnomalyConfig, AnomalyDetector, AnomalyError, severity_at_least
 from kernelwatch.errors import KernelWatchError
 from kernelwatch.extraction import (
-    _DTensor,
-    _FSDP,
-    _NOT_2D,
     DepthwiseKernels,
-    _add,
-    _bare_named_modules,
-    _one_group_per_channel,
     is_depthwise,
+    is_depthwise_any,
+    is_sharded,
+    iter_conv_weights,
+    unsupported_reason,
 )
 from kernelwatch.format import SEVERITIES
 from kernelwatch.metrics import layer_quality
@@ -285,12 +281,9 @@ class KernelWatch:
         """Copy every Conv2d weight off the device; gather sharded ones on every rank."""
         if not isinstance(model, nn.Module):
             raise KernelWatchError(f"KernelWatch needs the nn.Module being trained, got {type(model).__name__}")
-        sharded = any(isinstance(m, _FSDP) for m in model.modules()) or any(
-            isinstance(p, _DTensor) for p in model.parameters()
-        )
+        sharded = is_sharded(model)
         # Checked on every rank, so that all raise alike.
-        depthwise_3d = (isinstance(m, nn.Conv3d) and _one_group_per_channel(m) for m in model.modules())
-        if not any(is_depthwise(m) for m in model.modules()) and not any(depthwise_3d):
+        if not any(is_depthwise_any(m) for m in model.modules()):
             raise KernelWatchError(
                 f"no depthwise convolutions in {type(model).__name__} (nn.Conv2d with groups == "
                 "in_channels > 1): nothing for KernelWatch to watch"
@@ -300,19 +293,14 @@ class KernelWatch:
         if not sharded and self._accelerator is not None:
             model = self._accelerator.unwrap_model(model)
         snapshot = _Snapshot(step, {}, [], {}, {})
-        has_fsdp1 = sharded and any(isinstance(m, _FSDP) for m in model.modules())
-        gathered = _FSDP.summon_full_params(model, writeback=False) if has_fsdp1 else nullcontext()
         cuda_devices = set()
-        with torch.no_grad(), gathered:
-            for name, module in _bare_named_modules(model):
-                if isinstance(module, nn.Conv3d) and _one_group_per_channel(module):
-                    snapshot.unsupported[name] = _NOT_2D.format(shape=list(module.weight.shape))
-                if not isinstance(module, nn.Conv2d):
-                    continue
-                weight = module.weight
-                if isinstance(weight, _DTensor):
-                    weight = weight.full_tensor()  # a collective: every rank, same order
+        with torch.no_grad():
+            # Every Conv2d for the quality metrics; 3-D depthwise ones only to be reported.
+            for name, module, weight in iter_conv_weights(model, select=_watched):
                 if not self._is_main:
+                    continue  # other ranks only take part in the gather
+                if not isinstance(module, nn.Conv2d):
+                    snapshot.unsupported[name] = unsupported_reason(weight)
                     continue
                 snapshot.weights[name] = _off_device(weight)
                 if weight.device.type == "cuda":
@@ -424,14 +412,11 @@ class KernelWatch:
             event.synchronize()
         step, writer = snapshot.step, self._writer
         if snapshot.session_start is not None:
-            # EventWriter writes summaries only; its file writer takes this plain Event too.
-            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-            marker = event_pb2.Event(wall_time=time.time(), step=snapshot.session_start, session_log=start)
-            writer._writer.add_event(marker)
+            writer.start_session(snapshot.session_start)
         kernels = DepthwiseKernels()
         kernels.unsupported.update(snapshot.unsupported)
         for name in snapshot.depthwise:
-            _add(kernels, name, snapshot.weights[name])
+            kernels.add(name, snapshot.weights[name])
         self._warn_once(
             "unsupported",
             "%d depthwise layer(s) left out: %s",
@@ -510,6 +495,10 @@ def _check_step(step: Any) -> int:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise KernelWatchError(f"step must be an integer, got {step!r}")
     return int(step)
+
+
+def _watched(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) or is_depthwise_any(module)
 
 
 def _is_main_process(accelerator: Any) -> bool:

@@ -137,6 +137,12 @@ class EventWriter:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    def start_session(self, step: int) -> None:
+        """Mark a (re)start at ``step``: TensorBoard then drops records of an earlier session
+        from ``step`` on, so a run resumed from a checkpoint never shows the steps it redoes."""
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._add(event_pb2.Event(wall_time=time.time(), step=int(step), session_log=start))
+
     def flush(self) -> None:
         """Block until everything written so far is in the event file (a no-op once closed)."""
         if not self._closed:
@@ -180,16 +186,18 @@ class EventWriter:
         return self._value(tag, metadata, tensor_util.make_tensor_proto(np.float32(number)))
 
     def _write(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
-        if self._closed:
-            raise KernelWatchError(f"this EventWriter for {self.log_dir!r} is closed")
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
             raise KernelWatchError(f"step must be an integer, got {step!r}")
-        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values))
+        self._add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+        self._described.update(value.tag for value in values)
+
+    def _add(self, event: event_pb2.Event) -> None:
+        if self._closed:
+            raise KernelWatchError(f"this EventWriter for {self.log_dir!r} is closed")
         try:
             self._writer.add_event(event)
         except OSError as err:
             raise KernelWatchError(f"cannot write TensorBoard events to {self.log_dir!r}: {err}") from err
-        self._described.update(value.tag for value in values)
 
 
 def _code_histogram(result: ClassificationResult) -> np.ndarray:
