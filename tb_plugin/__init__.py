@@ -1,0 +1,1 @@
+"""The KernelWatch TensorBoard plugin (see docs/plugin.md); imports no torch."""

@@ -1,0 +1,166 @@
+"""Response times and payload sizes of the KernelWatch plugin's routes, against a real
+``tensorboard`` process (default fast loader) on a log of 200 snapshots x 60 layers.
+
+    .venv/bin/python benchmarks/bench_plugin.py [--log-dir DIR] [--repeat 5]
+
+The log is written once into ``--log-dir`` (default: a temporary folder kept between runs)
+with kernelwatch's own EventWriter; generating it takes a few minutes on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from kernelwatch import patterns
+from kernelwatch.analysis import analyze_layer
+from kernelwatch.metrics import layer_quality
+from kernelwatch.spectrum import Spectrum
+from kernelwatch.writing import EventWriter
+from tb_plugin.reading import INDEX_TTL
+
+SNAPSHOTS, LAYERS, RUN = 200, 60, "big"
+#: Small runs beside the big one, so that listings are measured with many runs.
+SMALL_RUNS, SMALL_SNAPSHOTS, SMALL_LAYERS = 40, 5, 4
+#: Distinct kernel sets per layer, cycled over the snapshots (classifying 12,000 fresh ones is slow).
+VARIANTS = 4
+
+
+def write_log(root: Path) -> None:
+    """One run of SNAPSHOTS x LAYERS with sprites, quality, anomalies and a spectrum, and
+    SMALL_RUNS small runs; each part is written once and kept."""
+    torch.set_num_threads(1)
+    spectrum = Spectrum.pretrained(kernel_size=5)
+    if not (root / "complete").exists():
+        write_big_run(root, spectrum)
+    if not (root / "complete-small").exists():
+        for r in range(SMALL_RUNS):
+            with EventWriter(root / f"small/{r:02d}") as writer:
+                writer.write_spectrum(0, spectrum)
+                for step in range(SMALL_SNAPSHOTS):
+                    for i in range(SMALL_LAYERS):
+                        kernels, _ = patterns.generate_mixture(32, 5, rng=r * 100 + step * 10 + i)
+                        report = analyze_layer(f"blocks.{i}.dw", torch.from_numpy(kernels), spectrum)
+                        writer.write_layer(step, report, kernels)
+                    writer.write_anomalies(step, [])
+        (root / "complete-small").write_text("ok\n")
+
+
+def write_big_run(root: Path, spectrum: Spectrum) -> None:
+    layers = [f"stages.{i // 10}.blocks.{i % 10}.conv_dw" for i in range(LAYERS)]
+    pool = {}
+    for i, layer in enumerate(layers):
+        for v in range(VARIANTS):
+            kernels, _ = patterns.generate_mixture(96, 5, rng=i * VARIANTS + v, noise=0.1 + 0.1 * v)
+            report = analyze_layer(layer, torch.from_numpy(kernels), spectrum)
+            pool[layer, v] = (kernels, report, layer_quality(kernels))
+    with EventWriter(root / RUN) as writer:
+        writer.write_spectrum(0, spectrum)
+        for s in range(SNAPSHOTS):
+            step = s * 100
+            for i, layer in enumerate(layers):
+                kernels, report, quality = pool[layer, (s // 50 + i) % VARIANTS]
+                writer.write_layer(step, report, kernels)
+                writer.write_quality(step, layer, quality)
+            flags = [
+                {"layer": layers[(s * 7) % LAYERS], "kind": "collapse", "severity": ("info", "warning", "error")[s % 3],
+                 "message": "one pattern dominates", "numbers": {"share": 0.8}}
+            ] if s % 5 == 0 else []  # fmt: skip
+            writer.write_anomalies(step, flags)
+            if s % 20 == 0:
+                print(f"  wrote snapshot {s}/{SNAPSHOTS}", file=sys.stderr)
+    (root / "complete").write_text("ok\n")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get(url: str) -> tuple[float, bytes, int]:
+    """Seconds, body and gzipped size of one GET (as a browser would ask for it)."""
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=60) as response:
+        raw = response.read()
+        elapsed = time.perf_counter() - start
+        gzipped = response.headers.get("Content-Encoding") == "gzip"
+    return elapsed, gzip.decompress(raw) if gzipped else raw, len(raw)
+
+
+def wait_ready(base: str, deadline: float) -> None:
+    """Until the fast loader has read the whole log (it loads in the background). Polls a
+    tensor route only, so the plugin's cache of anomaly blobs stays cold."""
+    last = urllib.parse.quote(f"stages.{(LAYERS - 1) // 10}.blocks.{(LAYERS - 1) % 10}.conv_dw")
+    while time.time() < deadline:
+        try:
+            _, body, _ = get(f"{base}/timeline?run={RUN}&layer={last}")
+            if len(json.loads(body)["proportions"]["steps"]) == SNAPSHOTS:
+                time.sleep(2)  # the last snapshot's anomaly record follows its layers
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    raise TimeoutError("TensorBoard did not load the log in time")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "kernelwatch-bench-plugin")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    write_log(args.log_dir)
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("tensorboard")), "--logdir", str(args.log_dir), "--port", str(port),
+               "--host", "127.0.0.1", "--samples_per_plugin=kernelwatch=0"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}/data/plugin/kernelwatch"
+        started = time.time()
+        wait_ready(base, started + 300)
+        print(f"TensorBoard loaded {SNAPSHOTS} snapshots x {LAYERS} layers (+{SMALL_RUNS} small runs) "
+              f"in {time.time() - started:.1f} s")
+        # The first anomalies request reads every anomaly blob; later ones find them in the
+        # plugin's cache.
+        elapsed, body, _ = get(f"{base}/anomalies?run={RUN}")
+        print(f"first anomalies request (blobs not cached yet): {elapsed * 1000:.1f} ms")
+        _, body, _ = get(f"{base}/anomalies?run={RUN}")
+        assert len(json.loads(body)["checked_steps"]) == SNAPSHOTS
+        layer = urllib.parse.quote("stages.3.blocks.4.conv_dw")
+        routes = [
+            "runs", f"layers?run={RUN}", f"timeline?run={RUN}&layer={layer}", f"heatmap?run={RUN}",
+            f"anomalies?run={RUN}", f"sprite?run={RUN}&layer={layer}&step=10000",
+            f"sprite.png?run={RUN}&layer={layer}&step=10000", f"spectrum?run={RUN}",
+            f"spectrum.png?run={RUN}&kernel_size=5", "static/echarts.esm.min.js", "index.js",
+        ]  # fmt: skip
+        print(f"{'route':<62} {'cold ms':>8} {'warm ms':>8} {'bytes':>9} {'gzipped':>8}")
+        for route in routes:
+            cold, warm, body, wire = [], [], b"", 0
+            for _ in range(args.repeat):
+                # Cold: the plugin lists the runs afresh (as every INDEX_TTL seconds); warm: it
+                # reuses the listing, as when the dashboard sends its requests together.
+                time.sleep(INDEX_TTL)
+                for times in (cold, warm):
+                    elapsed, body, wire = get(f"{base}/{route}")
+                    times.append(elapsed * 1000)
+            print(f"{route:<62} {statistics.median(cold):8.1f} {statistics.median(warm):8.1f} {len(body):9d} {wire:8d}")
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    main()
