@@ -101,13 +101,14 @@ class RecordInfo:
 
 
 def _escape(name: str) -> str:
-    # Only "%" and "/" are escaped, so dotted module names stay readable in TensorBoard.
-    return name.replace("%", "%25").replace("/", "%2F")
+    # Only "%", "/" and the quote and backslash TensorBoard's data server cannot read back in a
+    # blob tag are escaped, so dotted module names stay readable in TensorBoard.
+    return name.replace("%", "%25").replace("/", "%2F").replace('"', "%22").replace("\\", "%5C")
 
 
 def make_tag(kind: str, subject: str | int | None = None) -> str:
-    """``kernelwatch/<kind>[/<subject>]``: subject is the layer's qualified name (``/`` and
-    ``%`` percent-escaped), the kernel size for a spectrum, nothing for anomalies.
+    """``kernelwatch/<kind>[/<subject>]``: subject is the layer's qualified name (``/``,
+    ``%``, ``"`` and ``\\`` percent-escaped), the kernel size for a spectrum, nothing for anomalies.
 
     >>> make_tag(SPECTRUM, 5), make_tag(ANOMALIES), make_tag(SPRITE, "odd/name")
     ('kernelwatch/spectrum/5x5', 'kernelwatch/anomalies', 'kernelwatch/sprite/odd%2Fname')

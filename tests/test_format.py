@@ -10,7 +10,7 @@ from tensorboard.compat.proto import summary_pb2
 from kernelwatch import format as fmt
 from kernelwatch.errors import KernelWatchError
 
-LAYER_NAMES = ["stages.0.blocks.1.conv_dw", "odd/name", "100%/x%2F", "", "module.blöck.0", "a//b/"]
+LAYER_NAMES = ["stages.0.blocks.1.conv_dw", "odd/name", "100%/x%2F", "", "module.blöck.0", "a//b/", 'q"\\b']
 LAYER_KINDS = [k for k in fmt.KINDS if k not in (fmt.SPECTRUM, fmt.ANOMALIES)]
 
 

@@ -28,8 +28,8 @@ from tb_plugin.kernelwatch_plugin import KernelWatchPlugin
 
 PREFIX = "/data/plugin/kernelwatch"
 DW = "stages.0.blocks.1.conv_dw"
-# No '"' or '\\': TensorBoard's data server (0.7.2) cannot read blob keys whose tag has them.
-HOSTILE_LAYER = "<img src=x onerror=window.__xss=1>"
+# '"' and '\\' too: the format escapes them, since TensorBoard's data server cannot read them in a blob tag.
+HOSTILE_LAYER = '<img src=x onerror=window.__xss=1> "q" \\b'
 HOSTILE_RUN = "run <b>&amp; 'quoted'</b>"
 STEPS = (0, 10, 20, 30)
 
