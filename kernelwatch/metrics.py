@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import torch
 
 from kernelwatch._config import CLUSTERS, DEFAULT_SEED
 from kernelwatch.errors import KernelWatchError
@@ -65,7 +66,7 @@ _RANDOM_QUANTILE = 0.01
 #: Random layers drawn for it: up to 400, fewer for large kernels, whose spread is far smaller
 #: (under 0.1% for 11x11) and whose eigendecompositions cost d^3.
 _MAX_DRAWS, _MIN_DRAWS, _DRAW_BUDGET = 400, 8, 2e8
-_ROW_BLOCK = 1024
+_ROW_BLOCK = 256
 
 
 def sparsity(weight: Any, eps: float = SPARSITY_EPS) -> float:
@@ -109,7 +110,7 @@ def variance_entropy(weight: Any, eps: float = SPARSITY_EPS) -> float:
     n = len(filters)
     if n < 3:  # two centred filters always span one direction: nothing to measure
         return float("nan")
-    variance = np.linalg.svd(filters - filters.mean(axis=0), compute_uv=False) ** 2
+    variance = _singular_values(filters - filters.mean(axis=0)) ** 2
     if variance.sum() == 0:
         return 0.0
     return float(_entropy(variance[None])[0] / _random_entropy(n, d))
@@ -130,11 +131,20 @@ def orthogonality(weight: Any) -> float:
     if n < 2 or not np.isfinite(flat).all():
         return float("nan")
     norm = np.linalg.norm(flat, axis=1, keepdims=True)
-    unit = flat / np.where(norm > 0, norm, 1.0)
-    # In row blocks, so wide layers never hold the whole n x n similarity matrix.
-    total = sum(np.abs(unit[i : i + _ROW_BLOCK] @ unit.T).sum() for i in range(0, n, _ROW_BLOCK))
-    off_diagonal = total - np.sum(unit * unit)
-    return float(1.0 - off_diagonal / (n * (n - 1)))
+    # float32 products: the mean of n^2 cosines needs no more, and the products are most of the
+    # monitor's background work per snapshot (wide 1x1 convs). In torch: see _singular_values.
+    unit = torch.from_numpy((flat / np.where(norm > 0, norm, 1.0)).astype(np.float32))
+    # Each pair once, in row blocks of the upper triangle, never the whole n x n matrix: a block
+    # of rows i:i+b against columns i:n holds its own b x b square (pairs twice, the diagonal
+    # once) and then pairs with later rows (once).
+    pairs = 0.0
+    for i in range(0, n, _ROW_BLOCK):
+        block = (unit[i : i + _ROW_BLOCK] @ unit[i:].T).abs_()
+        b = len(block)
+        square = block[:, :b]
+        pairs += (square.sum(dtype=torch.float64) - square.diagonal().sum(dtype=torch.float64)).item() / 2
+        pairs += block[:, b:].sum(dtype=torch.float64).item()
+    return float(1.0 - pairs / (n * (n - 1) / 2))
 
 
 def layer_quality(weight: Any) -> dict[str, float]:
@@ -145,10 +155,11 @@ def layer_quality(weight: Any) -> dict[str, float]:
     >>> list(q), q["sparsity"]
     (['sparsity', 'variance_entropy', 'orthogonality'], 0.0)
     """
+    array = _as_weight(weight)  # converted once for all three
     return {
-        "sparsity": sparsity(weight),
-        "variance_entropy": variance_entropy(weight),
-        "orthogonality": orthogonality(weight),
+        "sparsity": sparsity(array),
+        "variance_entropy": variance_entropy(array),
+        "orthogonality": orthogonality(array),
     }
 
 
@@ -167,6 +178,12 @@ def _filters(weight: Any) -> np.ndarray:
     """The layer's 2-D filters, one flattened ``kh x kw`` filter per row (the paper's unit)."""
     array = _as_weight(weight)
     return array.reshape(-1, array.shape[2] * array.shape[3])
+
+
+def _singular_values(matrix: np.ndarray) -> np.ndarray:
+    # Linear algebra here is torch's, not numpy's: numpy's OpenBLAS threads spin on after each
+    # call, which on the monitor's worker takes CPU from training; torch's obey set_num_threads.
+    return torch.linalg.svdvals(torch.from_numpy(matrix)).numpy()
 
 
 def _entropy(variance: np.ndarray) -> np.ndarray:
@@ -188,8 +205,9 @@ def _random_entropy(n: int, d: int) -> float:
         lower = np.tril(rng.standard_normal((draws, d, d)), -1)
         diag = np.arange(d)
         lower[:, diag, diag] = np.sqrt(rng.chisquare(dof - diag, size=(draws, d)))
-        variance = np.linalg.eigvalsh(lower @ lower.transpose(0, 2, 1)).clip(min=0.0)
+        scatter = torch.from_numpy(lower) @ torch.from_numpy(lower).transpose(1, 2)
+        variance = torch.linalg.eigvalsh(scatter).numpy().clip(min=0.0)
     else:
         x = rng.standard_normal((draws, n, d))
-        variance = np.linalg.svd(x - x.mean(axis=1, keepdims=True), compute_uv=False) ** 2
+        variance = _singular_values(x - x.mean(axis=1, keepdims=True)) ** 2
     return float(np.quantile(_entropy(variance), _RANDOM_QUANTILE))

@@ -79,19 +79,20 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def colourise(kernel: np.ndarray) -> np.ndarray:
-    """``[k, k]`` weights -> ``[k, k, 3]`` uint8 colours, scaled by the kernel's own max |w|.
+def colourise(kernels: np.ndarray) -> np.ndarray:
+    """``[..., k, k]`` weights -> ``[..., k, k, 3]`` uint8 colours, each ``k x k`` kernel scaled
+    by its own max |w|; a kernel with NaN/Inf is flat grey.
 
     >>> colourise(np.array([[-2.0, 0.0, 1.0]]))[0].tolist()
     [[5, 48, 97], [255, 255, 255], [214, 96, 77]]
     """
-    kernel = np.asarray(kernel, dtype=np.float64)
-    if not np.isfinite(kernel).all():
-        return np.broadcast_to(np.array(_NONFINITE_RGB, np.uint8), (*kernel.shape, 3)).copy()
-    peak = np.abs(kernel).max(initial=0.0)
-    scaled = kernel / peak if peak > 0 else kernel
-    rgb = np.stack([np.interp(scaled, _MAP_AT, _MAP_RGB[:, c]) for c in range(3)], axis=-1)
-    return np.round(rgb).astype(np.uint8)
+    kernels = np.asarray(kernels, dtype=np.float64)
+    finite = np.isfinite(kernels).all(axis=(-2, -1), keepdims=True)
+    kernels = np.where(finite, kernels, 0.0)
+    peak = np.abs(kernels).max(axis=(-2, -1), keepdims=True, initial=0.0)
+    scaled = kernels / np.where(peak > 0, peak, 1.0)
+    rgb = np.round(np.stack([np.interp(scaled, _MAP_AT, _MAP_RGB[:, c]) for c in range(3)], axis=-1))
+    return np.where(finite[..., None], rgb, _NONFINITE_RGB).astype(np.uint8)
 
 
 def kernel_sprite(
@@ -152,9 +153,9 @@ def kernel_sprite(
                 "height": band_height,
             }
         )
-        for i, index in enumerate(picks):
+        for i, (index, tile) in enumerate(zip(picks, _upscale(colourise(kernels[picks]), scale))):
             cx, cy = left + (i % columns) * (cell + gap), y + (i // columns) * (cell + gap)
-            canvas[cy : cy + cell, cx : cx + cell] = _upscale(colourise(kernels[index]), scale)
+            canvas[cy : cy + cell, cx : cx + cell] = tile
             cells.append({"x": cx, "y": cy, "index": int(index), "label": str(labels[index])})
         y += n_rows * (cell + gap)
     layout = {
@@ -209,9 +210,9 @@ def spectrum_strip(
     canvas = np.empty((band_y + band + gap, width, 3), np.uint8)
     canvas[:] = _BACKGROUND_RGB
     cells = []
-    for i, index in enumerate(picks):
+    for i, (index, tile) in enumerate(zip(picks, _upscale(colourise(prototypes[picks]), scale))):
         x = gap + i * (cell + gap)
-        canvas[gap : gap + cell, x : x + cell] = _upscale(colourise(prototypes[index]), scale)
+        canvas[gap : gap + cell, x : x + cell] = tile
         cells.append({"x": x, "y": gap, "index": int(index), "label": str(labels[index])})
     family = _families(labels)
     band_width = width - gap
@@ -244,7 +245,8 @@ def _pixels_per_weight(k: int) -> int:
 
 
 def _upscale(rgb: np.ndarray, scale: int) -> np.ndarray:
-    return rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+    """``[..., h, w, 3]`` -> ``[..., h * scale, w * scale, 3]``, each weight a square of pixels."""
+    return rgb.repeat(scale, axis=-3).repeat(scale, axis=-2)
 
 
 def _hex_rgb(colour: str) -> tuple[int, int, int]:
