@@ -197,6 +197,50 @@ time.sleep(60)
 """
 
 
+THREADS_CHILD = NET + """
+import sys, threading, torch
+from kernelwatch.monitor import KernelWatch, _use_one_torch_thread
+
+torch.set_num_threads(2)
+model = net(channels=64)
+start = {k: v.clone() for k, v in model.state_dict().items()}
+
+def weights_after_training():
+    model.load_state_dict(start)
+    for epoch in (1, 2):
+        train_epoch(model, epoch)
+    return [p.detach().clone() for p in model.parameters()]
+
+alone = weights_after_training()
+with KernelWatch(sys.argv[1]) as watch:
+    watch.snapshot(model, 0)
+    watch.flush()  # the worker has run torch ops and stays alive
+    watched = weights_after_training()
+    main_threads = torch.get_num_threads()
+seen = {}
+def one():
+    _use_one_torch_thread()
+    seen["worker"] = torch.get_num_threads()
+    later = threading.Thread(target=lambda: seen.setdefault("later", torch.get_num_threads()))
+    later.start()
+    later.join()
+worker = threading.Thread(target=one)
+worker.start()
+worker.join()
+print(main_threads, seen["worker"], seen["later"], all(torch.equal(a, b) for a, b in zip(alone, watched)))
+"""
+
+
+def test_the_worker_runs_one_torch_thread_and_leaves_training_alone(tmp_path):
+    """The worker's ops use one torch thread; the training thread keeps its count, so its
+    results are bit for bit those of a run without KernelWatch, and threads started later
+    get the process's count."""
+    done = subprocess.run([sys.executable, "-c", THREADS_CHILD, str(tmp_path)], capture_output=True, text=True,
+                          env=ENV, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["2", "1", "2", "True"]
+
+
 def test_sigterm_writes_every_queued_snapshot(tmp_path):
     command = [sys.executable, "-c", SIGTERM_CHILD, str(tmp_path)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=ENV)
