@@ -179,7 +179,7 @@ function drawTimeline(node, data) {
     legend: { bottom: 0, itemWidth: 14, itemGap: 8, textStyle: { fontSize: 11 } },
     grid: { left: 50, right: 20, top: 30, bottom: 84 },
     xAxis: { type: "value", name: "step", nameLocation: "middle", nameGap: 24, min: "dataMin", max: "dataMax" },
-    yAxis: { type: "value", min: 0, max: (v) => Math.max(1, v.max), name: "share of kernels" },
+    yAxis: { type: "value", min: 0, max: (v) => Math.max(1, Math.ceil(v.max * 10) / 10), name: "share of kernels" },
     series,
   }, true);
   box.dataset.points = String(proportions.steps.length);
