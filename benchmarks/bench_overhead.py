@@ -6,7 +6,7 @@ Runs with and without KernelWatch alternate in one process (fixed seeds, same sy
 a fresh model each run); the medians over ``--repeats`` pairs are compared. Each run's wall
 time counts training and every ``on_epoch_end`` call; ``close()`` (waiting for the worker to
 classify the last snapshot) is reported apart, since it is a fixed cost per run, not per
-epoch. Blocking time is the time the training thread spends inside ``on_epoch_end``.
+epoch, and then added in a second, whole-run ratio. Blocking time is the time the training thread spends inside ``on_epoch_end``.
 
 Then the blocking time for ConvNeXt-Tiny (6,624 depthwise kernels) after one training step,
 and how long the background worker takes per snapshot of it.
