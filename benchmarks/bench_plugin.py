@@ -29,7 +29,7 @@ from kernelwatch.analysis import analyze_layer
 from kernelwatch.metrics import layer_quality
 from kernelwatch.spectrum import Spectrum
 from kernelwatch.writing import EventWriter
-from tb_plugin.reading import INDEX_TTL
+from kernelwatch.reading import INDEX_TTL
 
 SNAPSHOTS, LAYERS, RUN = 200, 60, "big"
 #: Small runs beside the big one, so that listings are measured with many runs.

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,11 +21,13 @@ from kernelwatch.errors import KernelWatchError
 from kernelwatch.extraction import extract_depthwise
 from kernelwatch.metrics import cluster_proportions, total_activation
 from kernelwatch.spectrum import Spectrum
+from kernelwatch.structure import median_dissimilarity, null_level
 
 
 @dataclass
 class LayerReport:
-    """One depthwise layer: how many kernels, how many clustered, and into what."""
+    """One depthwise layer: how many kernels, how many clustered, and into what; with the
+    structure measures of :mod:`kernelwatch.structure` (NaN where not measured)."""
 
     name: str
     kernel_size: int
@@ -34,6 +37,9 @@ class LayerReport:
     proportions: dict[str, float]
     total_activation: dict[str, dict[str, float]]
     dilation: tuple[int, int] | None = None
+    median_dissimilarity: float = math.nan
+    null_clustered_fraction: float = math.nan
+    null_median_dissimilarity: float = math.nan
     result: ClassificationResult | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,11 +116,16 @@ class AnalysisReport:
 
 
 def analyze_layer(
-    name: str, kernels: torch.Tensor, spectrum: Spectrum, dilation: tuple[int, int] | None = None
+    name: str,
+    kernels: torch.Tensor,
+    spectrum: Spectrum,
+    dilation: tuple[int, int] | None = None,
+    activation: bool = True,
 ) -> LayerReport:
-    """Classify one layer's ``[C, k, k]`` kernels and summarise them."""
+    """Classify one layer's ``[C, k, k]`` kernels and summarise them, with their null level;
+    ``activation=False`` skips the total-activation statistics (meaningless for an update)."""
     result = spectrum.classify(kernels)
-    array = kernels.detach().cpu().numpy()
+    null = null_level(kernels, spectrum)
     return LayerReport(
         name=name,
         kernel_size=spectrum.kernel_size,
@@ -122,8 +133,11 @@ def analyze_layer(
         n_invalid=int((~result.valid).sum()),
         clustered_fraction=float(result.clustered.mean()) if len(result) else 0.0,
         proportions=cluster_proportions(result.labels),
-        total_activation=total_activation(array, result.labels),
+        total_activation=(total_activation(kernels.detach().cpu().numpy(), result.labels) if activation else {}),
         dilation=dilation,
+        median_dissimilarity=median_dissimilarity(result),
+        null_clustered_fraction=null.clustered_fraction,
+        null_median_dissimilarity=null.median_dissimilarity,
         result=result,
     )
 

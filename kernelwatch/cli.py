@@ -1,4 +1,5 @@
-"""The ``kernelwatch`` command: ``analyze`` a checkpoint or timm model, ``pretrain`` a spectrum.
+"""The ``kernelwatch`` command: ``analyze`` a checkpoint or timm model, ``summary`` of a log,
+``pretrain`` a spectrum.
 
 Exit codes: 0 success, 2 bad input (with a one-line message on stderr).
 """
@@ -57,6 +58,15 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(args: argparse.Namespace) -> int:
+    from kernelwatch import format as fmt
+    from kernelwatch.summary import format_summary, summarise
+
+    summary = summarise(args.log_dir)
+    print(fmt.encode_json(summary).decode() if args.json else format_summary(summary))
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from kernelwatch.pretrain import pretrain, pretrain_kmeans
 
@@ -90,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--weights", help="state dict to load into a timm:NAME model")
     analyze.add_argument("--json", action="store_true", help="print the report as JSON")
     analyze.set_defaults(run=_analyze)
+
+    summary = commands.add_parser("summary", help="what a kernelwatch log holds, per run, layer and step")
+    summary.add_argument("log_dir", help="a run's log directory, or a directory of runs")
+    summary.add_argument("--json", action="store_true", help="print the summary as JSON")
+    summary.set_defaults(run=_summary)
 
     pretrain = commands.add_parser("pretrain", help="train a spectrum (fetches the training weights with pip)")
     pretrain.add_argument("--kernel-size", type=int, required=True, choices=(3, 5, 7))

@@ -5,10 +5,10 @@ Torch-free on purpose: the plugin process imports this module and may have no to
 
 >>> tag = make_tag(PROPORTIONS, "stages.0.blocks.1.conv_dw")
 >>> tag, parse_tag(tag)
-('kernelwatch/proportions/stages.0.blocks.1.conv_dw', Tag(kind='proportions', subject='stages.0.blocks.1.conv_dw'))
->>> info = parse_metadata(summary_metadata(PROPORTIONS, layer="stages.0.blocks.1.conv_dw"))
->>> info.kind, info.layer, info.fields["clusters"][:2]
-('proportions', 'stages.0.blocks.1.conv_dw', ['on-centre', 'off-centre'])
+('kernelwatch/proportions/stages.0.blocks.1.conv_dw', Tag(kind='proportions', subject='stages.0.blocks.1.conv_dw', lens='weights'))
+>>> info = parse_metadata(summary_metadata(PROPORTIONS, layer="stages.0.blocks.1.conv_dw", lens=UPDATE))
+>>> info.kind, info.layer, info.lens, info.fields["clusters"][:2]
+('proportions', 'stages.0.blocks.1.conv_dw', 'update', ['on-centre', 'off-centre'])
 """
 
 from __future__ import annotations
@@ -28,7 +28,16 @@ from kernelwatch.errors import KernelWatchError
 
 PLUGIN_NAME = "kernelwatch"
 #: Bump on any change an older reader would misread; adding optional JSON keys is no such change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this reader decodes. Version 1 lacks the lens, the layer order and the structure
+#: measures of ``clustered_fraction`` records; they read back as ``weights``, None and None.
+READABLE_VERSIONS = (1, 2)
+
+# What a per-layer record describes: the kernels themselves, or the cumulative update since
+# the run's first snapshot (``W_t - W_first``: what training wrote into them).
+WEIGHTS = "weights"
+UPDATE = "update"
+LENSES = (WEIGHTS, UPDATE)
 
 # Record kinds. Per layer (tensors): four figures from classification, plus quality metrics.
 PROPORTIONS = "proportions"
@@ -44,7 +53,17 @@ ANOMALIES = "anomalies"
 TENSOR = summary_pb2.DATA_CLASS_TENSOR
 BLOB_SEQUENCE = summary_pb2.DATA_CLASS_BLOB_SEQUENCE
 
-CLUSTERED_FIELDS = ("clustered_fraction", "n_kernels", "n_invalid")
+#: Version 2 adds the kernel size and the structure measures: the median dissimilarity to the
+#: nearest prototype and the null level (the same kernels spatially shuffled, classified).
+CLUSTERED_FIELDS = (
+    "clustered_fraction",
+    "n_kernels",
+    "n_invalid",
+    "kernel_size",
+    "median_dissimilarity",
+    "null_clustered_fraction",
+    "null_median_dissimilarity",
+)
 ACTIVATION_STATS = ("count", "mean", "q1", "median", "q3")
 HISTOGRAM_ROWS = ("clustered", "unclustered")
 QUALITY_METRICS = ("sparsity", "variance_entropy", "orthogonality")
@@ -63,6 +82,8 @@ _KINDS: dict[str, tuple[int, str, dict[str, Any]]] = {
     ANOMALIES: (BLOB_SEQUENCE, "none", {"blobs": ["anomalies"]}),
 }
 KINDS: tuple[str, ...] = tuple(_KINDS)
+#: Kinds that the update lens writes too (its kernels' activation and quality mean nothing).
+UPDATE_KINDS = (PROPORTIONS, CLUSTERED_FRACTION, CODE_HISTOGRAM, SPRITE)
 #: The content fields naming each axis of a tensor record.
 _TENSOR_AXES = {
     PROPORTIONS: ("clusters",),
@@ -80,17 +101,21 @@ class FormatError(KernelWatchError):
 class Tag(NamedTuple):
     kind: str
     subject: str | None  # a layer name, "<k>x<k>" for a spectrum, None for anomalies
+    lens: str = WEIGHTS
 
 
 @dataclass(frozen=True)
 class RecordInfo:
-    """Parsed ``plugin_data.content``: the kind, its layer (or kernel size) and per-kind fields."""
+    """Parsed ``plugin_data.content``: the kind, its layer (or kernel size), per-kind fields,
+    the lens of a per-layer record and the layer's position in the model (None if unknown)."""
 
     version: int
     kind: str
     layer: str | None
     kernel_size: int | None
     fields: dict[str, Any]
+    lens: str = WEIGHTS
+    order: int | None = None
 
     @property
     def data_class(self) -> int:
@@ -106,14 +131,18 @@ def _escape(name: str) -> str:
     return name.replace("%", "%25").replace("/", "%2F").replace('"', "%22").replace("\\", "%5C")
 
 
-def make_tag(kind: str, subject: str | int | None = None) -> str:
-    """``kernelwatch/<kind>[/<subject>]``: subject is the layer's qualified name (``/``,
-    ``%``, ``"`` and ``\\`` percent-escaped), the kernel size for a spectrum, nothing for anomalies.
+def make_tag(kind: str, subject: str | int | None = None, lens: str = WEIGHTS) -> str:
+    """``kernelwatch/[update/]<kind>[/<subject>]``: subject is the layer's qualified name
+    (``/``, ``%``, ``"`` and ``\\`` percent-escaped), the kernel size for a spectrum, nothing
+    for anomalies; records of the update lens carry ``update/`` before their kind.
 
-    >>> make_tag(SPECTRUM, 5), make_tag(ANOMALIES), make_tag(SPRITE, "odd/name")
-    ('kernelwatch/spectrum/5x5', 'kernelwatch/anomalies', 'kernelwatch/sprite/odd%2Fname')
+    >>> make_tag(SPECTRUM, 5), make_tag(ANOMALIES), make_tag(SPRITE, "odd/name", lens=UPDATE)
+    ('kernelwatch/spectrum/5x5', 'kernelwatch/anomalies', 'kernelwatch/update/sprite/odd%2Fname')
     """
     scope = _kind(kind)[1]
+    _check_lens(kind, lens)
+    if lens == UPDATE:
+        return f"{PLUGIN_NAME}/{UPDATE}/{kind}/{_escape(subject)}"
     if scope == "none":
         if subject is not None:
             raise FormatError(f"{kind} records take no subject, got {subject!r}")
@@ -129,6 +158,8 @@ def make_tag(kind: str, subject: str | int | None = None) -> str:
 def parse_tag(tag: str) -> Tag:
     """Inverse of :func:`make_tag`; :class:`FormatError` for anything else."""
     parts = tag.split("/")
+    if len(parts) == 4 and parts[:2] == [PLUGIN_NAME, UPDATE] and parts[2] in UPDATE_KINDS:
+        return Tag(parts[2], unquote(parts[3]), UPDATE)
     if parts[0] != PLUGIN_NAME or len(parts) not in (2, 3) or parts[1] not in _KINDS:
         raise FormatError(f"not a kernelwatch tag: {tag!r}")
     kind, scope = parts[1], _KINDS[parts[1]][1]
@@ -151,14 +182,22 @@ def scalar_tag(figure: str, layer: str, name: str | None = None) -> str:
 
 
 def summary_metadata(
-    kind: str, layer: str | None = None, kernel_size: int | None = None
+    kind: str,
+    layer: str | None = None,
+    kernel_size: int | None = None,
+    *,
+    lens: str = WEIGHTS,
+    order: int | None = None,
 ) -> summary_pb2.SummaryMetadata:
     """``SummaryMetadata`` of a record: plugin name, JSON content and the matching data class.
+    ``order`` is a per-layer record's position in the model, so readers list layers as the
+    model does.
 
     >>> summary_metadata(SPECTRUM, kernel_size=5).data_class == BLOB_SEQUENCE
     True
     """
     data_class, scope, fields = _kind(kind)
+    _check_lens(kind, lens)
     if (scope == "layer") != isinstance(layer, str):
         raise FormatError(f"{kind} records {'need a layer name' if scope == 'layer' else 'take no layer'}")
     if scope == "kernel_size":
@@ -166,6 +205,10 @@ def summary_metadata(
     elif kernel_size is not None:
         raise FormatError(f"{kind} records take no kernel size")
     content = {"version": FORMAT_VERSION, "kind": kind, "layer": layer, "kernel_size": kernel_size, **fields}
+    if scope == "layer":
+        content["lens"] = lens
+        if order is not None:
+            content["order"] = _order(order)
     return summary_pb2.SummaryMetadata(
         plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=encode_json(content)),
         data_class=data_class,
@@ -193,7 +236,7 @@ def parse_content(content: bytes, data_class: int | None = None) -> RecordInfo:
     version = content.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise FormatError(f"kernelwatch metadata has no valid version: {version!r}")
-    if version > FORMAT_VERSION:
+    if version > max(READABLE_VERSIONS):
         raise FormatError(
             f"kernelwatch format version {version} is newer than this reader's ({FORMAT_VERSION}); "
             "upgrade kernelwatch to read it"
@@ -212,7 +255,12 @@ def parse_content(content: bytes, data_class: int | None = None) -> RecordInfo:
     missing = [key for key in fields if not isinstance(content.get(key), list)]
     if missing:
         raise FormatError(f"{kind} record lacks fields {missing}")
-    return RecordInfo(version, kind, layer, kernel_size, {key: content[key] for key in fields})
+    lens, order = content.get("lens", WEIGHTS), content.get("order")
+    if lens not in LENSES or (lens == UPDATE and kind not in UPDATE_KINDS):
+        raise FormatError(f"{kind} record has an invalid lens: {lens!r}")
+    if order is not None and (not isinstance(order, int) or isinstance(order, bool) or order < 0):
+        raise FormatError(f"{kind} record has an invalid layer order: {order!r}")
+    return RecordInfo(version, kind, layer, kernel_size, {key: content[key] for key in fields}, lens, order)
 
 
 # -- payloads --------------------------------------------------------------------------------
@@ -283,7 +331,9 @@ def decode_tensor(info: RecordInfo, value: np.ndarray) -> dict[str, Any]:
     """Name the entries of a tensor record along the axes its metadata lists.
 
     Returns ``{cluster: share}``, ``{field: value}``, ``{metric: value}``, ``{cluster: {stat:
-    value}}`` (clusters with no kernels left out) or ``{row: counts}`` (histogram rows).
+    value}}`` (clusters with no kernels left out) or ``{row: counts}`` (histogram rows). A
+    ``clustered_fraction`` record has every field of :data:`CLUSTERED_FIELDS`, None where an
+    older writer did not write it.
 
     >>> decode_tensor(parse_metadata(summary_metadata(QUALITY, layer="c")), np.array([0.0, 0.9, 0.7]))
     {'sparsity': 0.0, 'variance_entropy': 0.9, 'orthogonality': 0.7}
@@ -303,13 +353,29 @@ def decode_tensor(info: RecordInfo, value: np.ndarray) -> dict[str, Any]:
     if info.kind == TOTAL_ACTIVATION:
         stats = info.fields["stats"]
         return {c: dict(zip(stats, map(float, row))) for c, row in zip(names, value) if row[0] > 0}
-    return {name: float(v) for name, v in zip(names, value)}
+    decoded = {name: float(v) for name, v in zip(names, value)}
+    if info.kind == CLUSTERED_FRACTION:
+        return {name: decoded.get(name) for name in CLUSTERED_FIELDS}
+    return decoded
 
 
 def _kind(kind: str) -> tuple[int, str, dict[str, Any]]:
     if kind not in _KINDS:
         raise FormatError(f"unknown kernelwatch record kind {kind!r}; expected one of {KINDS}")
     return _KINDS[kind]
+
+
+def _check_lens(kind: str, lens: str) -> None:
+    if lens not in LENSES:
+        raise FormatError(f"unknown lens {lens!r}; expected one of {LENSES}")
+    if lens == UPDATE and kind not in UPDATE_KINDS:
+        raise FormatError(f"the update lens has no {kind} records (it has {UPDATE_KINDS})")
+
+
+def _order(value: Any) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise FormatError(f"a layer's order must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 def _kernel_size(value: Any) -> int:

@@ -40,9 +40,10 @@ from kernelwatch.extraction import (
     iter_conv_weights,
     unsupported_reason,
 )
-from kernelwatch.format import SEVERITIES
+from kernelwatch.format import SEVERITIES, UPDATE
 from kernelwatch.metrics import layer_quality
 from kernelwatch.spectrum import Spectrum
+from kernelwatch.update_lens import UpdateReference
 from kernelwatch.writing import EventWriter
 
 logger = logging.getLogger("kernelwatch")
@@ -143,6 +144,7 @@ class KernelWatch:
         self._error: BaseException | None = None
         self._detector = AnomalyDetector(anomaly_config)
         self._spectra: dict[int, Spectrum] = {}
+        self._reference = UpdateReference()
         self._warned: set[str] = set()
         self._writer: EventWriter | None = None
         self._worker: threading.Thread | None = None
@@ -255,6 +257,11 @@ class KernelWatch:
         except (KeyError, TypeError, ValueError) as err:
             raise KernelWatchError(f"not a KernelWatch state: {err!r}") from err
         self._detector.load_state_dict(anomalies)
+        if self._is_main:
+            try:
+                self._reference = UpdateReference.load(self.log_dir)
+            except KernelWatchError as err:
+                logger.warning("kernelwatch: %s; the update lens restarts from this run's first snapshot", err)
         self._calls, self._steps = calls, steps
         self._last_step = None if last_step is None else int(last_step)
         self._resumed_after = self._last_step
@@ -425,6 +432,8 @@ class KernelWatch:
             "; ".join(f"{name or '<root>'}: {why}" for name, why in kernels.unsupported.items()),
             when=bool(kernels.unsupported),
         )
+        # Each layer's position among the model's convs, so readers list layers as the model does.
+        order = {name: i for i, name in enumerate(snapshot.weights)}
         reports: dict[str, LayerReport] = {}
         no_spectrum = []
         for name, layer in kernels.items():
@@ -434,7 +443,13 @@ class KernelWatch:
                 continue
             writer.write_spectrum(step, spectrum)
             reports[name] = analyze_layer(name, layer, spectrum, snapshot.dilation.get(name))
-            writer.write_layer(step, reports[name], layer, max_kernels=self.max_kernels)
+            writer.write_layer(step, reports[name], layer, max_kernels=self.max_kernels, order=order[name])
+            update = self._reference.update(name, layer, step)
+            if update is not None:
+                report = analyze_layer(name, update, spectrum, activation=False)
+                writer.write_layer(step, report, update, max_kernels=self.max_kernels, lens=UPDATE, order=order[name])
+        if self._reference.changed:
+            self._reference.save(self.log_dir)
         self._warn_once(
             "no_spectrum",
             "no spectrum ships for the kernels of %s (shipped sizes: %s); these layers are skipped",
@@ -444,7 +459,7 @@ class KernelWatch:
         )
         for name, weight in snapshot.weights.items():
             if not weight.is_meta:
-                writer.write_quality(step, name, layer_quality(weight))
+                writer.write_quality(step, name, layer_quality(weight), order=order[name])
         anomalies = self._detector.update(step, reports)
         writer.write_anomalies(step, [a.to_dict() for a in anomalies])
         # One flush per snapshot: a process killed later keeps this snapshot readable.

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 #: Bins of the code histogram over [0, 1].
 CODE_BINS = 50
+#: Figures of a layer also written as stock scalars (update-lens ones prefixed ``update.``).
+_SCALAR_FIELDS = ("clustered_fraction", "median_dissimilarity", "null_clustered_fraction", "null_median_dissimilarity")
 
 
 class EventWriter:
@@ -57,31 +59,40 @@ class EventWriter:
 
     # -- records -------------------------------------------------------------------------------
 
-    def write_layer(self, step: int, report: LayerReport, kernels: Any = None, max_kernels: int = 64) -> None:
-        """A depthwise layer's figures at ``step``: proportions, clustered fraction, total
-        activation and the matching stock scalars; with ``report.result``, also the code
-        histogram and, when the layer's ``[C, k, k]`` ``kernels`` are given, the kernel sprite."""
+    def write_layer(
+        self,
+        step: int,
+        report: LayerReport,
+        kernels: Any = None,
+        max_kernels: int = 64,
+        *,
+        lens: str = fmt.WEIGHTS,
+        order: int | None = None,
+    ) -> None:
+        """A depthwise layer's figures at ``step``: proportions, clustered fraction with the
+        structure measures, total activation (weights lens only) and the matching stock
+        scalars; with ``report.result``, also the code histogram and, when the layer's
+        ``[C, k, k]`` ``kernels`` are given, the kernel sprite. ``lens`` says whether the
+        kernels are the weights or the update since the run's first snapshot; ``order`` is
+        the layer's position in the model."""
         layer = report.name
         proportions = np.array([report.proportions[c] for c in CLUSTERS], np.float32)
-        clustered = np.array([report.clustered_fraction, report.n_kernels, report.n_invalid], np.float64)
-        activation = np.full((len(CLUSTERS), len(fmt.ACTIVATION_STATS)), np.nan)
-        activation[:, 0] = 0.0
-        for i, cluster in enumerate(CLUSTERS):
-            if cluster in report.total_activation:
-                activation[i] = [report.total_activation[cluster][s] for s in fmt.ACTIVATION_STATS]
+        clustered = np.array([getattr(report, name) for name in fmt.CLUSTERED_FIELDS], np.float64)
+        prefix = "" if lens == fmt.WEIGHTS else f"{lens}."
         values = [
-            self._tensor(fmt.PROPORTIONS, layer, proportions),
-            self._tensor(fmt.CLUSTERED_FRACTION, layer, clustered),
-            self._tensor(fmt.TOTAL_ACTIVATION, layer, activation),
-            self._scalar(fmt.scalar_tag("clustered_fraction", layer), report.clustered_fraction),
-            *(self._scalar(fmt.scalar_tag("proportion", layer, c), p) for c, p in zip(CLUSTERS, proportions)),
+            self._tensor(fmt.PROPORTIONS, layer, proportions, lens, order),
+            self._tensor(fmt.CLUSTERED_FRACTION, layer, clustered, lens, order),
+            *(self._scalar(fmt.scalar_tag(prefix + name, layer), getattr(report, name)) for name in _SCALAR_FIELDS),
         ]
+        if lens == fmt.WEIGHTS:
+            values.append(self._tensor(fmt.TOTAL_ACTIVATION, layer, _activation(report), lens, order))
+            values.extend(self._scalar(fmt.scalar_tag("proportion", layer, c), p) for c, p in zip(CLUSTERS, proportions))
         result = report.result
         if result is not None:
-            values.append(self._tensor(fmt.CODE_HISTOGRAM, layer, _code_histogram(result)))
+            values.append(self._tensor(fmt.CODE_HISTOGRAM, layer, _code_histogram(result), lens, order))
             if kernels is not None:
                 png, layout = kernel_sprite(_numpy(kernels), result.labels, max_kernels=max_kernels)
-                values.append(self._blobs(fmt.SPRITE, layer, [png, fmt.encode_json(layout)]))
+                values.append(self._blobs(fmt.SPRITE, layer, [png, fmt.encode_json(layout)], lens=lens, order=order))
         self._write(step, values)
 
     def write_sprite(self, step: int, layer: str, kernels: Any, labels: Sequence[str], max_kernels: int = 64) -> None:
@@ -120,9 +131,11 @@ class EventWriter:
             raise KernelWatchError(f"cannot write anomalies: {err}") from err
         self._write(step, [self._blobs(fmt.ANOMALIES, None, [blob])])
 
-    def write_quality(self, step: int, layer: str, quality: Mapping[str, float]) -> None:
+    def write_quality(
+        self, step: int, layer: str, quality: Mapping[str, float], order: int | None = None
+    ) -> None:
         """Quality metrics of any conv layer (:func:`kernelwatch.metrics.layer_quality`), also as
-        stock scalars."""
+        stock scalars; ``order`` is the layer's position in the model."""
         missing = [m for m in fmt.QUALITY_METRICS if m not in quality]
         if missing:
             raise KernelWatchError(f"quality of {layer!r} lacks {missing}")
@@ -130,7 +143,7 @@ class EventWriter:
         self._write(
             step,
             [
-                self._tensor(fmt.QUALITY, layer, values),
+                self._tensor(fmt.QUALITY, layer, values, order=order),
                 *(self._scalar(fmt.scalar_tag("quality", layer, m), v) for m, v in zip(fmt.QUALITY_METRICS, values)),
             ],
         )
@@ -169,16 +182,25 @@ class EventWriter:
             value.metadata.CopyFrom(metadata)
         return value
 
-    def _tensor(self, kind: str, layer: str, array: np.ndarray) -> summary_pb2.Summary.Value:
-        tag = fmt.make_tag(kind, layer)
-        return self._value(tag, fmt.summary_metadata(kind, layer), tensor_util.make_tensor_proto(array))
+    def _tensor(
+        self, kind: str, layer: str, array: np.ndarray, lens: str = fmt.WEIGHTS, order: int | None = None
+    ) -> summary_pb2.Summary.Value:
+        tag = fmt.make_tag(kind, layer, lens)
+        metadata = fmt.summary_metadata(kind, layer, lens=lens, order=order)
+        return self._value(tag, metadata, tensor_util.make_tensor_proto(array))
 
     def _blobs(
-        self, kind: str, layer: str | None, blobs: list[bytes], kernel_size: int | None = None
+        self,
+        kind: str,
+        layer: str | None,
+        blobs: list[bytes],
+        kernel_size: int | None = None,
+        lens: str = fmt.WEIGHTS,
+        order: int | None = None,
     ) -> summary_pb2.Summary.Value:
-        tag = fmt.make_tag(kind, kernel_size if kernel_size is not None else layer)
+        tag = fmt.make_tag(kind, kernel_size if kernel_size is not None else layer, lens)
         tensor = tensor_util.make_tensor_proto(np.array(blobs, dtype=object))
-        return self._value(tag, fmt.summary_metadata(kind, layer, kernel_size), tensor)
+        return self._value(tag, fmt.summary_metadata(kind, layer, kernel_size, lens=lens, order=order), tensor)
 
     def _scalar(self, tag: str, number: float) -> summary_pb2.Summary.Value:
         metadata = scalar_metadata.create_summary_metadata(display_name=None, description=None)
@@ -198,6 +220,17 @@ class EventWriter:
             self._writer.add_event(event)
         except OSError as err:
             raise KernelWatchError(f"cannot write TensorBoard events to {self.log_dir!r}: {err}") from err
+
+
+def _activation(report: LayerReport) -> np.ndarray:
+    """``[clusters, stats]`` of :data:`kernelwatch.format.ACTIVATION_STATS`; count 0 and NaN
+    for clusters without kernels."""
+    activation = np.full((len(CLUSTERS), len(fmt.ACTIVATION_STATS)), np.nan)
+    activation[:, 0] = 0.0
+    for i, cluster in enumerate(CLUSTERS):
+        if cluster in report.total_activation:
+            activation[i] = [report.total_activation[cluster][s] for s in fmt.ACTIVATION_STATS]
+    return activation
 
 
 def _code_histogram(result: ClassificationResult) -> np.ndarray:

@@ -19,7 +19,7 @@ from werkzeug import wrappers
 from werkzeug.security import safe_join
 
 from kernelwatch import format as fmt
-from tb_plugin.reading import NotFound, Reader
+from kernelwatch.reading import MEASURES, NotFound, Reader
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: Only these files types are served from ``static/``; anything else is a 404.
@@ -41,15 +41,21 @@ class KernelWatchPlugin(base_plugin.TBPlugin):
         json_routes = {
             "/runs": lambda r, ctx, eid: self._reader.runs(ctx, eid),
             "/layers": lambda r, ctx, eid: self._reader.layers(ctx, eid, _arg(r, "run")),
-            "/timeline": lambda r, ctx, eid: self._reader.timeline(ctx, eid, _arg(r, "run"), _arg(r, "layer")),
-            "/heatmap": lambda r, ctx, eid: self._reader.heatmap(ctx, eid, _arg(r, "run")),
+            "/timeline": lambda r, ctx, eid: self._reader.timeline(
+                ctx, eid, _arg(r, "run"), _arg(r, "layer"), _lens(r)
+            ),
+            "/heatmap": lambda r, ctx, eid: self._reader.heatmap(
+                ctx, eid, _arg(r, "run"), _lens(r), _choice(r, "measure", MEASURES, MEASURES[0])
+            ),
             "/anomalies": lambda r, ctx, eid: self._reader.anomalies(ctx, eid, _arg(r, "run")),
-            "/sprite": lambda r, ctx, eid: self._reader.sprite(ctx, eid, _arg(r, "run"), _arg(r, "layer"), _step(r)),
+            "/sprite": lambda r, ctx, eid: self._reader.sprite(
+                ctx, eid, _arg(r, "run"), _arg(r, "layer"), _step(r), _lens(r)
+            ),
             "/spectrum": lambda r, ctx, eid: self._reader.spectrum(ctx, eid, _arg(r, "run")),
         }
         png_routes = {
             "/sprite.png": lambda r, ctx, eid: self._reader.sprite_png(
-                ctx, eid, _arg(r, "run"), _arg(r, "layer"), _step(r)
+                ctx, eid, _arg(r, "run"), _arg(r, "layer"), _step(r), _lens(r)
             ),
             "/spectrum.png": lambda r, ctx, eid: self._reader.spectrum_png(
                 ctx, eid, _arg(r, "run"), _int(r, "kernel_size")
@@ -128,6 +134,17 @@ def _int(request: wrappers.Request, name: str) -> int:
 
 def _step(request: wrappers.Request) -> int | None:
     return _int(request, "step") if "step" in request.args else None
+
+
+def _choice(request: wrappers.Request, name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = request.args.get(name, default)
+    if value not in allowed:
+        raise _ClientError(f"query parameter {name!r} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def _lens(request: wrappers.Request) -> str:
+    return _choice(request, "lens", fmt.LENSES, fmt.WEIGHTS)
 
 
 def _static_app(fixed: str | None) -> Handler:

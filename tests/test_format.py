@@ -22,7 +22,7 @@ def test_format_imports_without_torch():
 
 
 def test_constants():
-    assert fmt.PLUGIN_NAME == "kernelwatch" and fmt.FORMAT_VERSION == 1
+    assert fmt.PLUGIN_NAME == "kernelwatch" and fmt.FORMAT_VERSION == 2
     assert issubclass(fmt.FormatError, KernelWatchError)
     assert set(fmt.KINDS) == {
         "proportions", "clustered_fraction", "total_activation", "code_histogram",
@@ -78,7 +78,7 @@ def test_metadata_round_trips_with_data_class(kind):
     # Through the wire format, as TensorBoard's loaders see it.
     info = fmt.parse_metadata(summary_pb2.SummaryMetadata.FromString(meta.SerializeToString()))
     assert (info.version, info.kind, info.layer, info.kernel_size) == (
-        1, kind, kwargs.get("layer"), kwargs.get("kernel_size")
+        fmt.FORMAT_VERSION, kind, kwargs.get("layer"), kwargs.get("kernel_size")
     )  # fmt: skip
     assert info.data_class == meta.data_class
 
@@ -109,7 +109,11 @@ GOOD = (
         (_meta(b"\xff{not json"), "invalid JSON"),
         (_meta(b"[1, 2]"), "not a JSON object"),
         (_meta(GOOD.replace(b'"version":1', b'"version":"1"')), "no valid version"),
-        (_meta(GOOD.replace(b'"version":1', b'"version":2')), "newer than this reader"),
+        (_meta(GOOD.replace(b'"version":1', b'"version":3')), "newer than this reader"),
+        (_meta(GOOD.replace(b"{", b'{"lens":"update",', 1)), "invalid lens"),
+        (_meta(GOOD.replace(b"{", b'{"lens":"gradient",', 1)), "invalid lens"),
+        (_meta(GOOD.replace(b"{", b'{"order":-1,', 1)), "invalid layer order"),
+        (_meta(GOOD.replace(b"{", b'{"order":"3",', 1)), "invalid layer order"),
         (_meta(GOOD.replace(b"quality", b"qualia")), "unknown kernelwatch record kind"),
         (_meta(GOOD, data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE), "data class"),
         (_meta(GOOD, data_class=summary_pb2.DATA_CLASS_UNKNOWN), "data class"),
@@ -182,3 +186,38 @@ def test_check_anomalies(bad):
     assert fmt.check_anomalies([ANOMALY, {**ANOMALY, "layer": None, "numbers": {"x": None}}])
     with pytest.raises(fmt.FormatError):
         fmt.check_anomalies(bad)
+
+
+@pytest.mark.parametrize("layer", LAYER_NAMES)
+@pytest.mark.parametrize("kind", fmt.UPDATE_KINDS)
+def test_update_lens_tags_and_metadata_round_trip(kind, layer):
+    tag = fmt.make_tag(kind, layer, lens=fmt.UPDATE)
+    assert tag.startswith(f"kernelwatch/update/{kind}/") and tag.count("/") == 3
+    assert fmt.parse_tag(tag) == fmt.Tag(kind, layer, fmt.UPDATE)
+    assert tag != fmt.make_tag(kind, layer)
+    info = fmt.parse_metadata(fmt.summary_metadata(kind, layer, lens=fmt.UPDATE, order=4))
+    assert (info.lens, info.order) == (fmt.UPDATE, 4)
+
+
+def test_the_update_lens_has_no_activation_quality_or_run_level_records():
+    for kind in (fmt.TOTAL_ACTIVATION, fmt.QUALITY, fmt.SPECTRUM, fmt.ANOMALIES):
+        with pytest.raises(fmt.FormatError, match="update lens"):
+            fmt.make_tag(kind, "dw", lens=fmt.UPDATE)
+    with pytest.raises(fmt.FormatError, match="update lens"):
+        fmt.summary_metadata(fmt.QUALITY, "dw", lens=fmt.UPDATE)
+    with pytest.raises(fmt.FormatError):
+        fmt.parse_tag("kernelwatch/update/quality/dw")
+
+
+def test_version_1_records_still_read():
+    """A version-1 clustered_fraction record (three fields, no lens, no order) reads back as
+    the weights lens with the structure measures missing."""
+    content = b'{"version":1,"kind":"clustered_fraction","layer":"dw","kernel_size":null,' \
+        b'"fields":["clustered_fraction","n_kernels","n_invalid"]}'
+    info = fmt.parse_metadata(_meta(content))
+    assert (info.version, info.lens, info.order) == (1, fmt.WEIGHTS, None)
+    decoded = fmt.decode_tensor(info, np.array([0.25, 64.0, 1.0]))
+    assert decoded == {
+        "clustered_fraction": 0.25, "n_kernels": 64.0, "n_invalid": 1.0, "kernel_size": None,
+        "median_dissimilarity": None, "null_clustered_fraction": None, "null_median_dissimilarity": None,
+    }  # fmt: skip

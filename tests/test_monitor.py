@@ -122,7 +122,17 @@ def test_every_n_records_match_the_weights_at_each_snapshot(tmp_path):
             written = dict(records[fmt.make_tag(fmt.PROPORTIONS, layer)])[step]
             np.testing.assert_allclose(written, [report.proportions[c] for c in kernelwatch.CLUSTERS], rtol=1e-6)
             counts = dict(records[fmt.make_tag(fmt.CLUSTERED_FRACTION, layer)])[step]
-            assert counts.tolist() == [report.clustered_fraction, 16, 0]
+            assert counts.tolist() == pytest.approx([getattr(report, f) for f in fmt.CLUSTERED_FIELDS], nan_ok=True)
+            assert counts[:4].tolist() == [report.clustered_fraction, 16, 0, weights[layer].shape[-1]]
+            # The update lens: the cumulative update since the first snapshot, none at the first.
+            update_tag = fmt.make_tag(fmt.CLUSTERED_FRACTION, layer, lens=fmt.UPDATE)
+            if step == 0:
+                assert step not in dict(records[update_tag])
+                continue
+            update = (weights[layer] - expected[0][layer]).squeeze(1)
+            update_report = analyze_layer(layer, update, spectra[update.shape[-1]])
+            written = dict(records[update_tag])[step]
+            assert written.tolist() == pytest.approx([getattr(update_report, f) for f in fmt.CLUSTERED_FIELDS])
         for layer in CONVS:
             quality = layer_quality(weights[layer])
             written = dict(records[fmt.make_tag(fmt.QUALITY, layer)])[step]
@@ -345,6 +355,12 @@ def test_a_resumed_run_continues_the_timeline(tmp_path):
     expected = assert_steps(reference_dir, [0, 2, 4, 6, 8, 9])
     resumed = assert_steps(resumed_dir, [0, 2, 4, 6, 8, 9])  # 6 once: the crashed run's is dropped
     for tag in layer_tags() - {fmt.make_tag(fmt.SPRITE, layer) for layer in DW}:
+        for (_, a), (_, b) in zip(expected[tag], resumed[tag]):
+            np.testing.assert_array_equal(a, b, err_msg=tag)
+    # The update lens keeps the first snapshot of the crashed run as its reference.
+    for layer in DW:
+        tag = fmt.make_tag(fmt.CLUSTERED_FRACTION, layer, lens=fmt.UPDATE)
+        assert steps(expected, tag) == steps(resumed, tag) == [2, 4, 6, 8, 9]
         for (_, a), (_, b) in zip(expected[tag], resumed[tag]):
             np.testing.assert_array_equal(a, b, err_msg=tag)
     with pytest.raises(KernelWatchError, match="before the first snapshot"):

@@ -212,12 +212,22 @@ def test_heatmap(client):
         assert row == pytest.approx(timeline["clustered_fraction"]["series"]["clustered_fraction"], abs=1e-4)
 
 
-def test_heatmap_without_stock_scalars_reads_the_tensor_records(tmp_path):
-    content = fmt.summary_metadata(fmt.CLUSTERED_FRACTION, "dw").plugin_data.content
+V1_CLUSTERED = (
+    b'{"version":1,"kind":"clustered_fraction","layer":"dw","kernel_size":null,'
+    b'"fields":["clustered_fraction","n_kernels","n_invalid"]}'
+)
+
+
+def test_heatmap_of_a_version_1_log_without_stock_scalars_reads_the_tensor_records(tmp_path):
     tag = fmt.make_tag(fmt.CLUSTERED_FRACTION, "dw")
-    _write_raw(tmp_path / "run1", tag, content, fmt.TENSOR, np.array([0.25, 8.0, 0.0]))
-    body = get_json(make_client(tmp_path), "heatmap?run=run1")
+    _write_raw(tmp_path / "run1", tag, V1_CLUSTERED, fmt.TENSOR, np.array([0.25, 8.0, 0.0]))
+    client = make_client(tmp_path)
+    body = get_json(client, "heatmap?run=run1")
     assert body["layers"] == ["dw"] and body["steps"] == [5] and body["values"] == [[0.25]]
+    assert body["errors"] == []
+    # Measures version 1 did not write are missing, not errors.
+    body = get_json(client, "heatmap?run=run1&measure=median_dissimilarity")
+    assert body["values"] == [[None]] and body["errors"] == []
 
 
 def test_anomalies_list(client):

@@ -107,8 +107,13 @@ def check_tensor(run, info: fmt.RecordInfo, step: int, value: np.ndarray) -> Non
     if info.kind == fmt.PROPORTIONS:
         assert named == pytest.approx(report.proportions, rel=1e-6)
     elif info.kind == fmt.CLUSTERED_FRACTION:
-        assert named == dict(clustered_fraction=report.clustered_fraction, n_kernels=96, n_invalid=report.n_invalid)
+        assert named == pytest.approx(
+            {name: getattr(report, name) for name in fmt.CLUSTERED_FIELDS}, rel=1e-12
+        ) and named["n_kernels"] == 96 and named["kernel_size"] == 5  # fmt: skip
         assert report.n_invalid >= 1
+        # DoG-family kernels: far nearer their prototypes than their shuffled copies.
+        assert named["median_dissimilarity"] < 0.5 * named["null_median_dissimilarity"]
+        assert named["clustered_fraction"] > 10 * named["null_clustered_fraction"]
     elif info.kind == fmt.TOTAL_ACTIVATION:
         assert named.keys() == report.total_activation.keys()
         for cluster, stats in named.items():

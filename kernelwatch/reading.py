@@ -1,12 +1,15 @@
-"""Read kernelwatch records through a TensorBoard data provider and shape them as JSON.
+"""Read kernelwatch records through a TensorBoard data provider and shape them as JSON: the
+dashboard's routes and ``kernelwatch summary``.
 
-Only ``context.data_provider`` is used (never the multiplexer), so this works with the
+Only a data provider is used (never the multiplexer), so this works with TensorBoard's
 default fast loader. Every record is judged on its own: a malformed or newer-version series
-becomes an entry in ``errors`` and the rest of the run is still shown.
+becomes an entry in ``errors`` and the rest of the run is still shown. Torch-free, like the
+format it reads.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +38,8 @@ _SCALARS = "scalars"
 _SCALAR_LIMIT = 1000
 #: The content field naming the entries of each tensor kind the timeline shows.
 _AXIS = {fmt.PROPORTIONS: "clusters", fmt.CLUSTERED_FRACTION: "fields", fmt.QUALITY: "metrics"}
+#: Figures of a layer's ``clustered_fraction`` record the heat map can show.
+MEASURES = ("clustered_fraction", "median_dissimilarity", "null_clustered_fraction", "null_median_dissimilarity")
 #: Kinds written for classified (depthwise) layers only; quality is written for every conv.
 _DEPTHWISE_KINDS = (fmt.PROPORTIONS, fmt.CLUSTERED_FRACTION, fmt.TOTAL_ACTIVATION, fmt.CODE_HISTOGRAM, fmt.SPRITE)
 _LAYER_KINDS = (*_DEPTHWISE_KINDS, fmt.QUALITY)
@@ -46,25 +51,36 @@ class NotFound(LookupError):
 
 @dataclass
 class RunIndex:
-    """The kernelwatch series of one run: ``(kind, subject) -> tag``, plus unreadable ones."""
+    """The kernelwatch series of one run: ``(kind, subject, lens) -> tag``, plus unreadable ones."""
 
     run: str
-    tags: dict[tuple[str, str | None], str] = field(default_factory=dict)
+    tags: dict[tuple[str, str | int | None, str], str] = field(default_factory=dict)
     infos: dict[str, fmt.RecordInfo] = field(default_factory=dict)
+    orders: dict[str, int] = field(default_factory=dict)
     max_step: int = 0
+    last_update: float = 0.0
     errors: list[str] = field(default_factory=list)
 
-    def layers(self, kinds: Iterable[str] = _DEPTHWISE_KINDS) -> list[str]:
-        """Layers with records of any of ``kinds``: by default the classified (depthwise) ones."""
+    def layers(self, kinds: Iterable[str] = _DEPTHWISE_KINDS, lens: str = fmt.WEIGHTS) -> list[str]:
+        """Layers with records of any of ``kinds`` in ``lens`` (by default the classified,
+        depthwise ones), in the model's order where the writer recorded it."""
         kinds = set(kinds)
-        return sorted({s for (kind, s) in self.tags if kind in kinds and isinstance(s, str)})
+        found = {s for (kind, s, ls) in self.tags if kind in kinds and ls == lens and isinstance(s, str)}
+        return sorted(found, key=lambda layer: (self.orders.get(layer, _UNORDERED), _natural(layer)))
 
-    def tag(self, kind: str, subject: str | None = None) -> str:
+    def lenses(self) -> list[str]:
+        return [lens for lens in fmt.LENSES if any(ls == lens for (_, _, ls) in self.tags)]
+
+    def tag(self, kind: str, subject: str | int | None = None, lens: str = fmt.WEIGHTS) -> str:
         try:
-            return self.tags[kind, subject]
+            return self.tags[kind, subject, lens]
         except KeyError:
             what = f"{kind} of {subject!r}" if subject is not None else kind
-            raise NotFound(f"run {self.run!r} has no {what} records") from None
+            lens_note = f" in the {lens} lens" if lens != fmt.WEIGHTS else ""
+            raise NotFound(f"run {self.run!r} has no {what} records{lens_note}") from None
+
+    def has(self, kind: str, subject: str | int | None = None, lens: str = fmt.WEIGHTS) -> bool:
+        return (kind, subject, lens) in self.tags
 
 
 class Reader:
@@ -116,13 +132,17 @@ class Reader:
     # -- views ---------------------------------------------------------------------------------
 
     def runs(self, ctx: Any, eid: str) -> dict[str, Any]:
+        """Every run with its layers, lenses and spectra; ``updated`` is the wall time of its
+        newest record, so the dashboard can open on the run that is training now."""
         runs = [
             {
                 "run": index.run,
                 "layers": index.layers(),
-                "spectra": sorted(s for (kind, s) in index.tags if kind == fmt.SPECTRUM),
-                "has_anomalies": (fmt.ANOMALIES, None) in index.tags,
+                "lenses": index.lenses(),
+                "spectra": sorted(s for (kind, s, _) in index.tags if kind == fmt.SPECTRUM),
+                "has_anomalies": index.has(fmt.ANOMALIES),
                 "max_step": index.max_step,
+                "updated": index.last_update,
                 "errors": index.errors,
             }
             for index in self.index(ctx, eid).values()
@@ -132,49 +152,61 @@ class Reader:
             "sampling": self.sampling(),
             "colours": CLUSTER_COLOURS,
             "severities": fmt.SEVERITIES,
+            "lenses": fmt.LENSES,
+            "measures": MEASURES,
             "runs": runs,
         }
 
     def layers(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
         index = self.run_index(ctx, eid, run)
         layers = [
-            {"layer": layer, "kinds": sorted(kind for (kind, s) in index.tags if s == layer)}
+            {
+                "layer": layer,
+                "kinds": sorted({kind for (kind, s, _) in index.tags if s == layer}),
+                "lenses": [lens for lens in fmt.LENSES if index.has(fmt.CLUSTERED_FRACTION, layer, lens)],
+            }
             for layer in index.layers(_LAYER_KINDS)
         ]
         return {"run": run, "layers": layers, "errors": index.errors}
 
-    def timeline(self, ctx: Any, eid: str, run: str, layer: str) -> dict[str, Any]:
-        """Cluster proportions, clustered fraction and quality metrics of a layer over time."""
+    def timeline(self, ctx: Any, eid: str, run: str, layer: str, lens: str = fmt.WEIGHTS) -> dict[str, Any]:
+        """Cluster proportions, clustered fraction with the structure measures, and (weights
+        lens) quality metrics of a layer over time."""
         index = self.run_index(ctx, eid, run)
-        kinds = [k for k in (fmt.PROPORTIONS, fmt.CLUSTERED_FRACTION, fmt.QUALITY) if (k, layer) in index.tags]
+        kinds = [k for k in (fmt.PROPORTIONS, fmt.CLUSTERED_FRACTION, fmt.QUALITY) if index.has(k, layer, lens)]
         if not kinds:
-            raise NotFound(f"run {run!r} has no timeline records for layer {layer!r}")
-        data, errors = self._tensors(ctx, eid, index, [index.tag(k, layer) for k in kinds])
-        out: dict[str, Any] = {"run": run, "layer": layer, "errors": index.errors + errors, "sampled": []}
+            raise NotFound(f"run {run!r} has no timeline records for layer {layer!r} in the {lens} lens")
+        data, errors = self._tensors(ctx, eid, index, [index.tag(k, layer, lens) for k in kinds])
+        out: dict[str, Any] = {"run": run, "layer": layer, "lens": lens, "errors": index.errors + errors, "sampled": []}
         for kind in kinds:
-            tag = index.tag(kind, layer)
+            tag = index.tag(kind, layer, lens)
             points = data.get(tag, [])
             if self._at_limit(fmt.TENSOR, len(points)):
                 out["sampled"].append(kind)
-            names = index.infos[tag].fields[_AXIS[kind]]
+            names = fmt.CLUSTERED_FIELDS if kind == fmt.CLUSTERED_FRACTION else index.infos[tag].fields[_AXIS[kind]]
             out[kind] = {
                 "steps": [step for step, _ in points],
                 "series": {name: [value[name] for _, value in points] for name in names},
             }
         return out
 
-    def heatmap(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
-        """Clustered fraction of every layer at every snapshot."""
+    def heatmap(
+        self, ctx: Any, eid: str, run: str, lens: str = fmt.WEIGHTS, measure: str = "clustered_fraction"
+    ) -> dict[str, Any]:
+        """One of :data:`MEASURES` for every layer at every snapshot of a lens."""
+        if measure not in MEASURES:
+            raise NotFound(f"unknown measure {measure!r}; expected one of {MEASURES}")
         index = self.run_index(ctx, eid, run)
-        layers = [layer for layer in index.layers() if (fmt.CLUSTERED_FRACTION, layer) in index.tags]
-        series = self._scalar_fractions(ctx, eid, run, layers)
+        layers = [layer for layer in index.layers(lens=lens) if index.has(fmt.CLUSTERED_FRACTION, layer, lens)]
+        series = self._scalar_series(ctx, eid, run, lens, measure, layers)
         rest = [layer for layer in layers if layer not in series]
-        data, errors = self._tensors(ctx, eid, index, [index.tag(fmt.CLUSTERED_FRACTION, layer) for layer in rest])
+        tags = {layer: index.tag(fmt.CLUSTERED_FRACTION, layer, lens) for layer in rest}
+        data, errors = self._tensors(ctx, eid, index, tags.values())
         sampled = 0
-        for layer in rest:
-            points = data.get(index.tag(fmt.CLUSTERED_FRACTION, layer), [])
+        for layer, tag in tags.items():
+            points = data.get(tag, [])
             sampled += self._at_limit(fmt.TENSOR, len(points))
-            series[layer] = [(step, value["clustered_fraction"]) for step, value in points]
+            series[layer] = [(step, value[measure]) for step, value in points]
         steps = sorted({step for points in series.values() for step, _ in points})
         column = {step: i for i, step in enumerate(steps)}
         # A dense layers x steps matrix (null where a layer lacks a snapshot): half the bytes
@@ -189,6 +221,8 @@ class Reader:
         # the same time: reading the anomaly blobs here too would make the heat map wait on them.
         return {
             "run": run,
+            "lens": lens,
+            "measure": measure,
             "layers": layers,
             "steps": steps,
             "values": values,
@@ -215,10 +249,12 @@ class Reader:
         sampled = self._at_limit(fmt.BLOB_SEQUENCE, len(series))
         return {"run": run, "anomalies": flags, "checked_steps": checked, "sampled": sampled, "errors": errors}
 
-    def sprite(self, ctx: Any, eid: str, run: str, layer: str, step: int | None) -> dict[str, Any]:
+    def sprite(
+        self, ctx: Any, eid: str, run: str, layer: str, step: int | None, lens: str = fmt.WEIGHTS
+    ) -> dict[str, Any]:
         """The layout of a layer's sprite at ``step`` (the latest if None) and all sprite steps."""
         index = self.run_index(ctx, eid, run)
-        tag = index.tag(fmt.SPRITE, layer)
+        tag = index.tag(fmt.SPRITE, layer, lens)
         series = self._blob_series(ctx, eid, run, tag)
         datum = _at_step(series, step, f"sprite of {layer!r}")
         names = index.infos[tag].fields["blobs"]
@@ -226,15 +262,18 @@ class Reader:
         return {
             "run": run,
             "layer": layer,
+            "lens": lens,
             "step": datum.step,
             "steps": [d.step for d in series],
             "layout": layout,
             "sampled": self._at_limit(fmt.BLOB_SEQUENCE, len(series)),
         }
 
-    def sprite_png(self, ctx: Any, eid: str, run: str, layer: str, step: int | None) -> bytes:
+    def sprite_png(
+        self, ctx: Any, eid: str, run: str, layer: str, step: int | None, lens: str = fmt.WEIGHTS
+    ) -> bytes:
         index = self.run_index(ctx, eid, run)
-        tag = index.tag(fmt.SPRITE, layer)
+        tag = index.tag(fmt.SPRITE, layer, lens)
         datum = _at_step(self._blob_series(ctx, eid, run, tag), step, f"sprite of {layer!r}")
         return self._png(ctx, index.infos[tag], datum)
 
@@ -242,7 +281,7 @@ class Reader:
         """Every spectrum of the run (one per kernel size): its latest info JSON."""
         index = self.run_index(ctx, eid, run)
         spectra, errors = [], []
-        for size in sorted(s for (kind, s) in index.tags if kind == fmt.SPECTRUM):
+        for size in sorted(s for (kind, s, _) in index.tags if kind == fmt.SPECTRUM):
             tag = index.tag(fmt.SPECTRUM, size)
             series = self._blob_series(ctx, eid, run, tag)
             if not series:
@@ -264,6 +303,43 @@ class Reader:
         if not series:
             raise NotFound(f"run {run!r} has no spectrum for {kernel_size}x{kernel_size} kernels")
         return self._png(ctx, index.infos[tag], series[-1])
+
+    def summary(self, ctx: Any, eid: str) -> dict[str, Any]:
+        """What the log holds, per run, layer (in model order) and step: the figures of both
+        lenses and every anomaly flag. The JSON of ``kernelwatch summary --json``."""
+        runs: dict[str, Any] = {}
+        for run, index in self.index(ctx, eid).items():
+            layers = [layer for layer in index.layers() if index.has(fmt.CLUSTERED_FRACTION, layer)]
+            tags = {
+                (layer, lens): index.tag(fmt.CLUSTERED_FRACTION, layer, lens)
+                for layer in layers
+                for lens in fmt.LENSES
+                if index.has(fmt.CLUSTERED_FRACTION, layer, lens)
+            }
+            data, errors = self._tensors(ctx, eid, index, tags.values())
+            out: dict[str, Any] = {}
+            for layer in layers:
+                weights = data.get(tags[layer, fmt.WEIGHTS], [])
+                update = dict(data.get(tags.get((layer, fmt.UPDATE)), []))
+                last = weights[-1][1] if weights else {}
+                out[layer] = {
+                    "kernel_size": _integer(last.get("kernel_size")),
+                    "n_kernels": _integer(last.get("n_kernels")),
+                    "series": [
+                        {"step": step, **_figures(value), "update": _figures(update[step]) if step in update else None}
+                        for step, value in weights
+                    ],
+                }
+            anomalies = self.anomalies(ctx, eid, run) if index.has(fmt.ANOMALIES) else {"anomalies": [], "errors": []}
+            runs[run] = {
+                "layers": out,
+                "anomalies": [
+                    {key: flag[key] for key in ("step", "layer", "kind", "severity", "message", "numbers")}
+                    for flag in sorted(anomalies["anomalies"], key=lambda f: f["step"])
+                ],
+                "errors": index.errors + errors + anomalies["errors"],
+            }
+        return {"format_version": fmt.FORMAT_VERSION, "runs": runs}
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -293,11 +369,14 @@ class Reader:
             out[tag] = points
         return out, errors
 
-    def _scalar_fractions(self, ctx: Any, eid: str, run: str, layers: list[str]) -> dict[str, list[tuple[int, float]]]:
-        """Clustered fractions from the writer's stock scalars: ten times faster to read than
-        tensors through the fast loader. Layers without them, or whose series fills the
-        scalars' reservoir (so may be sampled), are left for the tensor records."""
-        tags = {fmt.scalar_tag("clustered_fraction", layer): layer for layer in layers}
+    def _scalar_series(
+        self, ctx: Any, eid: str, run: str, lens: str, measure: str, layers: list[str]
+    ) -> dict[str, list[tuple[int, float]]]:
+        """A measure from the writer's stock scalars: ten times faster to read than tensors
+        through the fast loader. Layers without them, or whose series fills the scalars'
+        reservoir (so may be sampled), are left for the tensor records."""
+        prefix = "" if lens == fmt.WEIGHTS else f"{lens}."
+        tags = {fmt.scalar_tag(prefix + measure, layer): layer for layer in layers}
         read = self._provider.read_scalars(
             ctx,
             experiment_id=eid,
@@ -362,6 +441,15 @@ class Reader:
         return count in ((self._hint,) if self._hint else DEFAULT_LIMITS[data_class])
 
 
+def _figures(value: dict[str, Any]) -> dict[str, Any]:
+    """The summary's figures of one ``clustered_fraction`` record (None where not written)."""
+    return {name: value.get(name) for name in MEASURES}
+
+
+def _integer(value: float | None) -> int | None:
+    return None if value is None or value != value else int(value)
+
+
 def _round(value: float | None) -> float | None:
     # Four decimals are finer than any colour step, and halve the heat map's payload.
     return None if value is None or value != value else round(value, 4)
@@ -382,11 +470,27 @@ def _add_series(index: RunIndex, data_class: int, series: dict[str, Any]) -> Non
     """Parse a run's listed series into ``index``; unreadable metadata becomes an error."""
     for tag, meta in series.items():
         index.max_step = max(index.max_step, meta.max_step)
+        index.last_update = max(index.last_update, meta.max_wall_time)
         try:
             info = fmt.parse_content(meta.plugin_content, data_class)
         except fmt.FormatError as err:
             index.errors.append(f"{tag}: {err}")
             continue
         subject = info.kernel_size if info.kind == fmt.SPECTRUM else info.layer
-        index.tags[info.kind, subject] = tag
+        index.tags[info.kind, subject, info.lens] = tag
         index.infos[tag] = info
+        if info.order is not None and info.layer is not None:
+            index.orders[info.layer] = info.order
+
+
+#: Layers of logs that recorded no order (format version 1) come after ordered ones.
+_UNORDERED = 1 << 62
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key that puts ``convs.2`` before ``convs.10``.
+
+    >>> sorted(["convs.10", "convs.2", "convs.1"], key=_natural)
+    ['convs.1', 'convs.2', 'convs.10']
+    """
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
