@@ -1,7 +1,7 @@
 """Train a small depthwise CNN on synthetic shapes with Hugging Face Accelerate, watched by KernelWatch.
 
     python examples/train_accelerate.py [--epochs 8] [--log-dir runs/accelerate] [--quick]
-    accelerate launch --cpu --num_processes 2 examples/train_accelerate.py --quick
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py --quick
 
 Given the accelerator, KernelWatch is rank-aware: every process makes the same calls, and only
 the main one copies, classifies and writes.
@@ -32,6 +32,8 @@ def main() -> None:
     set_seed(0)
     loader = torch.utils.data.DataLoader(shapes_dataset(n_images), batch_size=64, shuffle=True)
     model = DepthwiseNet()
+    # channels_last: depthwise convolutions train 4-5x faster on CPU in it (backward especially).
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
@@ -40,6 +42,7 @@ def main() -> None:
     for epoch in range(1, epochs + 1):
         model.train()
         for images, labels in loader:
+            images = images.to(memory_format=torch.channels_last)
             loss = nn.functional.cross_entropy(model(images), labels)
             optimizer.zero_grad()
             accelerator.backward(loss)

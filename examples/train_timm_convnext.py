@@ -31,6 +31,8 @@ def main() -> None:
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(shapes_dataset(n_images, size=64), batch_size=32, shuffle=True)
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=len(SHAPES))
+    # channels_last: depthwise convolutions train 4-5x faster on CPU in it (backward especially).
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 
     step = 0
@@ -40,6 +42,7 @@ def main() -> None:
         for epoch in range(1, epochs + 1):
             model.train()
             for images, labels in loader:
+                images = images.to(memory_format=torch.channels_last)
                 loss = nn.functional.cross_entropy(model(images), labels)
                 optimizer.zero_grad()
                 loss.backward()

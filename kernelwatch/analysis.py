@@ -21,7 +21,7 @@ from kernelwatch.errors import KernelWatchError
 from kernelwatch.extraction import extract_depthwise
 from kernelwatch.metrics import cluster_proportions, total_activation
 from kernelwatch.spectrum import Spectrum
-from kernelwatch.structure import median_dissimilarity, null_level
+from kernelwatch.structure import classify_with_null, median_dissimilarity
 
 
 @dataclass
@@ -124,8 +124,7 @@ def analyze_layer(
 ) -> LayerReport:
     """Classify one layer's ``[C, k, k]`` kernels and summarise them, with their null level;
     ``activation=False`` skips the total-activation statistics (meaningless for an update)."""
-    result = spectrum.classify(kernels)
-    null = null_level(kernels, spectrum)
+    result, null = classify_with_null(kernels, spectrum)
     return LayerReport(
         name=name,
         kernel_size=spectrum.kernel_size,

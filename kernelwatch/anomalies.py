@@ -28,7 +28,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from kernelwatch.errors import KernelWatchError
-from kernelwatch.format import SEVERITIES
+from kernelwatch.format import SEVERITIES, UPDATE, WEIGHTS
 
 if TYPE_CHECKING:
     from kernelwatch.analysis import LayerReport
@@ -149,10 +149,14 @@ def _shipped_null_level(kernel_size: int) -> float:
     return float(Spectrum.pretrained(kernel_size).provenance["shuffled_false_positive_rate"])
 
 
-def _null_level(kernel_size: int, config: AnomalyConfig) -> float:
-    if config.null_levels is not None and kernel_size in config.null_levels:
-        return float(config.null_levels[kernel_size])
-    return _shipped_null_level(kernel_size)
+def _null_level(layer: LayerReport, config: AnomalyConfig) -> float:
+    """The configured level for the layer's kernel size, else the larger of the layer's own
+    measured null (its kernels shuffled) and the shipped spectrum's."""
+    k = layer.kernel_size
+    if config.null_levels is not None and k in config.null_levels:
+        return float(config.null_levels[k])
+    measured = layer.null_clustered_fraction
+    return max(_shipped_null_level(k), measured) if math.isfinite(measured) else _shipped_null_level(k)
 
 
 def _pct(x: float) -> str:
@@ -164,11 +168,17 @@ def detect(
     layers: Mapping[str, LayerReport],
     history: Sequence[Mapping[str, float]] = (),
     config: AnomalyConfig | None = None,
+    updates: Mapping[str, LayerReport] | None = None,
 ) -> list[Anomaly]:
     """Flag the layers of one snapshot; ``layers`` in model order (as :func:`kernelwatch.analyze`
-    lists them), ``history`` the clustered fraction per layer of earlier snapshots.
+    lists them), ``history`` the clustered fraction per layer of earlier snapshots, ``updates``
+    the reports of the update lens (each layer's ``W_t - W_first``).
 
-    A layer flagged memorisation-like is not flagged as an outlier too (same evidence, one flag).
+    Rules (a) and (b) also run on the update lens: early in a training from a random start the
+    weights are unstructured everywhere, but the updates are not, so a layer into which training
+    writes no structure while it does into the others is flagged long before the weights cross
+    the threshold. A layer gets at most one flag of each kind, and one flagged memorisation-like
+    is not flagged as an outlier too (same evidence, one flag).
 
     >>> from kernelwatch.analysis import LayerReport
     >>> dead = LayerReport("dw", 3, 32, 32, 0.0, {}, {})
@@ -187,16 +197,17 @@ def detect(
         if layer.n_kernels >= config.min_kernels
         and layer.n_invalid < config.invalid_error_fraction * layer.n_kernels
     }
-    memorised = set()
-    for name, layer in judged.items():
-        flag = _memorisation(step, name, layer, judged, config)
-        if flag:
-            memorised.add(name)
-            out.append(flag)
-    for name, layer in judged.items():
-        flag = None if name in memorised else _outlier(step, name, layer, judged, config)
-        if flag:
-            out.append(flag)
+    flagged: set[str] = set()
+    lenses = [(WEIGHTS, judged)]
+    if updates:
+        lenses.append((UPDATE, {name: updates[name] for name in judged if name in updates}))
+    for rule in (_memorisation, _outlier):
+        for lens, reports in lenses:
+            for name, layer in reports.items():
+                flag = None if name in flagged else rule(step, name, layer, reports, config, lens)
+                if flag:
+                    flagged.add(name)
+                    out.append(flag)
     best: dict[str, float] = {}
     for snapshot in history:
         for name, fraction in snapshot.items():
@@ -226,29 +237,40 @@ def _invalid(step: int, name: str, layer: LayerReport, config: AnomalyConfig) ->
 
 
 def _memorisation(
-    step: int, name: str, layer: LayerReport, judged: Mapping[str, LayerReport], config: AnomalyConfig
+    step: int, name: str, layer: LayerReport, judged: Mapping[str, LayerReport], config: AnomalyConfig, lens: str
 ) -> Anomaly | None:
     others = [other.clustered_fraction for key, other in judged.items() if key != name]
     if len(others) < config.min_neighbours:
         return None
     others_median = statistics.median(others)
-    null = _null_level(layer.kernel_size, config)
+    null = _null_level(layer, config)
     fraction = layer.clustered_fraction
     # Only against a structured model: early in training every layer sits at the null level.
     if others_median < config.structured_fraction or fraction > null + config.null_margin:
         return None
     k = layer.kernel_size
+    if lens == WEIGHTS:
+        message = (
+            f"layer {name!r} looks memorisation-like: {_pct(fraction)} of its {k}x{k} kernels are clustered, "
+            f"at the {_pct(null)} that spatially shuffled kernels reach, while the median of the "
+            f"other {len(others)} layers is {_pct(others_median)}"
+        )
+    else:
+        message = (
+            f"layer {name!r} looks memorisation-like: training writes no pattern into it. {_pct(fraction)} "
+            f"of its {k}x{k} kernels' updates since the first snapshot are clustered, at the {_pct(null)} "
+            f"of their spatially shuffled copies, while the median of the other {len(others)} layers' "
+            f"updates is {_pct(others_median)}"
+        )
     return Anomaly(
-        step, name, "memorisation", "warning",
-        f"layer {name!r} looks memorisation-like: {_pct(fraction)} of its {k}x{k} kernels are clustered, "
-        f"at the {_pct(null)} that spatially shuffled kernels reach, while the median of the "
-        f"other {len(others)} layers is {_pct(others_median)}",
+        step, name, "memorisation", "warning", message,
         {
             "clustered_fraction": fraction,
             "null_level": null,
             "others_median": others_median,
             "n_others": float(len(others)),
             "n_kernels": float(layer.n_kernels),
+            "update_lens": float(lens == UPDATE),
         },
     )
 
@@ -266,7 +288,7 @@ def _neighbours(name: str, judged: Mapping[str, LayerReport], config: AnomalyCon
 
 
 def _outlier(
-    step: int, name: str, layer: LayerReport, judged: Mapping[str, LayerReport], config: AnomalyConfig
+    step: int, name: str, layer: LayerReport, judged: Mapping[str, LayerReport], config: AnomalyConfig, lens: str
 ) -> Anomaly | None:
     near = _neighbours(name, judged, config)
     if not near:
@@ -278,9 +300,10 @@ def _outlier(
     z = (median - fraction) / spread
     if median < config.structured_fraction or z < config.outlier_z or fraction >= config.outlier_ratio * median:
         return None
+    what = "kernels are" if lens == WEIGHTS else "kernels' updates since the first snapshot are"
     return Anomaly(
         step, name, "outlier", "warning",
-        f"layer {name!r} is an outlier among its neighbours: {_pct(fraction)} of its kernels are "
+        f"layer {name!r} is an outlier among its neighbours: {_pct(fraction)} of its {what} "
         f"clustered against a median of {_pct(median)} in its {len(near)} neighbouring layers "
         f"(robust z {z:.1f})",
         {
@@ -289,6 +312,7 @@ def _outlier(
             "neighbours_mad": mad,
             "robust_z": z,
             "n_neighbours": float(len(near)),
+            "update_lens": float(lens == UPDATE),
         },
     )
 
@@ -323,8 +347,10 @@ class AnomalyDetector:
         # Regression compares with the best earlier value only, so that is all the history kept.
         self.best: dict[str, float] = {}
 
-    def update(self, step: int, layers: Mapping[str, LayerReport]) -> list[Anomaly]:
-        anomalies = detect(step, layers, [self.best], self.config)
+    def update(
+        self, step: int, layers: Mapping[str, LayerReport], updates: Mapping[str, LayerReport] | None = None
+    ) -> list[Anomaly]:
+        anomalies = detect(step, layers, [self.best], self.config, updates)
         for name, layer in layers.items():
             self.best[name] = max(self.best.get(name, -math.inf), layer.clustered_fraction)
         return anomalies

@@ -43,6 +43,12 @@ class ClassificationResult:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, index: slice | np.ndarray) -> ClassificationResult:
+        """The results of some kernels: ``result[:n]``, ``result[mask]``."""
+        return ClassificationResult(
+            self.labels[index], self.clustered[index], self.dissimilarity[index], self.codes[index], self.valid[index]
+        )
+
 
 def as_kernel_tensor(kernels: np.ndarray | torch.Tensor, kernel_size: int | None = None) -> torch.Tensor:
     """Check and convert ``[N, k, k]`` (or one ``[k, k]``) kernels to a float32 tensor.

@@ -435,6 +435,7 @@ class KernelWatch:
         # Each layer's position among the model's convs, so readers list layers as the model does.
         order = {name: i for i, name in enumerate(snapshot.weights)}
         reports: dict[str, LayerReport] = {}
+        updates: dict[str, LayerReport] = {}
         no_spectrum = []
         for name, layer in kernels.items():
             spectrum = self._spectrum(layer.shape[-1])
@@ -446,8 +447,10 @@ class KernelWatch:
             writer.write_layer(step, reports[name], layer, max_kernels=self.max_kernels, order=order[name])
             update = self._reference.update(name, layer, step)
             if update is not None:
-                report = analyze_layer(name, update, spectrum, activation=False)
-                writer.write_layer(step, report, update, max_kernels=self.max_kernels, lens=UPDATE, order=order[name])
+                updates[name] = analyze_layer(name, update, spectrum, activation=False)
+                writer.write_layer(
+                    step, updates[name], update, max_kernels=self.max_kernels, lens=UPDATE, order=order[name]
+                )
         if self._reference.changed:
             self._reference.save(self.log_dir)
         self._warn_once(
@@ -460,7 +463,7 @@ class KernelWatch:
         for name, weight in snapshot.weights.items():
             if not weight.is_meta:
                 writer.write_quality(step, name, layer_quality(weight), order=order[name])
-        anomalies = self._detector.update(step, reports)
+        anomalies = self._detector.update(step, reports, updates)
         writer.write_anomalies(step, [a.to_dict() for a in anomalies])
         # One flush per snapshot: a process killed later keeps this snapshot readable.
         writer.flush()

@@ -175,3 +175,19 @@ def test_layers_with_few_kernels_are_not_judged(one_noise_layer):
     tiny = dict(one_noise_layer)
     config = AnomalyConfig(min_kernels=one_noise_layer[NOISY].n_kernels + 1)
     assert all(a.layer != NOISY for a in detect(0, tiny, config=config))
+
+
+def test_the_update_lens_arms_the_rules_while_the_weights_are_still_random():
+    """Random weights everywhere (nothing to judge in the weights lens); structured updates in
+    every layer but one, whose update is noise: only that layer is flagged, on the update lens."""
+    torch.manual_seed(0)
+    start = timm.create_model("convnext_atto", pretrained=False)
+    updates = kw.init.dog_(timm.create_model("convnext_atto", pretrained=False), seed=0)
+    noisy = "stages.2.blocks.3.conv_dw"
+    with_noise(updates, noisy)
+    weights = layers_of(start)
+    assert detect(5, weights) == []
+    flags = detect(5, weights, updates=layers_of(updates))
+    assert [(a.layer, a.kind, a.numbers["update_lens"]) for a in flags] == [(noisy, "memorisation", 1.0)]
+    assert "training writes no pattern" in flags[0].message
+    assert detect(5, weights, updates=layers_of(kw.init.dog_(updates, seed=1))) == []
