@@ -60,6 +60,11 @@ class AnalysisReport:
         return sum(layer.n_kernels for layer in self.layers)
 
     @property
+    def n_invalid(self) -> int:
+        """Kernels with NaN/Inf values or no variation (all-zero, constant): never clustered."""
+        return sum(layer.n_invalid for layer in self.layers)
+
+    @property
     def clustered_fraction(self) -> float:
         """The paper's per-model "Filters Clustered" figure (Table 1, appendix L)."""
         clustered = sum(layer.clustered_fraction * layer.n_kernels for layer in self.layers)
@@ -75,6 +80,7 @@ class AnalysisReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "n_kernels": self.n_kernels,
+            "n_invalid": self.n_invalid,
             "clustered_fraction": self.clustered_fraction,
             "proportions": self.proportions,
             "layers": [layer.to_dict() for layer in self.layers],
@@ -82,7 +88,11 @@ class AnalysisReport:
         }
 
     def format_table(self) -> str:
-        """A fixed-width table: one row per layer, proportions in percent, then the total."""
+        """A fixed-width table: one row per layer, proportions in percent, then the total.
+
+        Invalid kernels get a column of their own and a note: they count as not clustered, so a
+        layer of NaN weights would otherwise read like one of random weights.
+        """
         short = {
             "on-centre": "on-c",
             "off-centre": "off-c",
@@ -95,21 +105,28 @@ class AnalysisReport:
             "other": "other",
         }
         width = max([len("layer"), *(len(layer.name) for layer in self.layers)])
-        head = f"{'layer':<{width}}  {'k':>2} {'kernels':>7} {'clust%':>6} " + " ".join(
+
+        def row(name: str, k: str, kernels: int, invalid: int, clustered: float, shares: dict[str, float]) -> str:
+            return f"{name:<{width}}  {k:>2} {kernels:>7} {invalid:>7} {100 * clustered:>6.1f} " + " ".join(
+                f"{100 * shares[c]:>6.1f}" for c in CLUSTERS
+            )
+
+        head = f"{'layer':<{width}}  {'k':>2} {'kernels':>7} {'invalid':>7} {'clust%':>6} " + " ".join(
             f"{short[c]:>6}" for c in CLUSTERS
         )
         rows = [head, "-" * len(head)]
         for layer in self.layers:
             k = f"{layer.kernel_size}" + ("d" if layer.dilation else "")
             rows.append(
-                f"{layer.name:<{width}}  {k:>2} {layer.n_kernels:>7} {100 * layer.clustered_fraction:>6.1f} "
-                + " ".join(f"{100 * layer.proportions[c]:>6.1f}" for c in CLUSTERS)
+                row(layer.name, k, layer.n_kernels, layer.n_invalid, layer.clustered_fraction, layer.proportions)
             )
         rows.append("-" * len(head))
-        rows.append(
-            f"{'all':<{width}}  {'':>2} {self.n_kernels:>7} {100 * self.clustered_fraction:>6.1f} "
-            + " ".join(f"{100 * self.proportions[c]:>6.1f}" for c in CLUSTERS)
-        )
+        rows.append(row("all", "", self.n_kernels, self.n_invalid, self.clustered_fraction, self.proportions))
+        if self.n_invalid:
+            rows.append(
+                f"note: {self.n_invalid} of {self.n_kernels} kernels are invalid (NaN/Inf, all-zero or "
+                "constant) and count as not clustered"
+            )
         for name, reason in self.skipped.items():
             rows.append(f"skipped {name}: {reason}")
         return "\n".join(rows)
@@ -162,7 +179,12 @@ def analyze(model_or_checkpoint: Any, spectra: dict[int, Spectrum] | None = None
             spectra[k] = Spectrum.pretrained(kernel_size=k)
         reports.append(analyze_layer(name, kernels, spectra[k], layers.dilated.get(name)))
     if not reports:
-        raise KernelWatchError(
-            "no depthwise layer could be analysed: " + "; ".join(f"{n}: {r}" for n, r in skipped.items())
-        )
+        raise KernelWatchError(f"no depthwise layer could be analysed: {_reasons(skipped)}")
     return AnalysisReport(reports, skipped)
+
+
+def _reasons(skipped: dict[str, str], shown: int = 3) -> str:
+    """The first few ``layer: reason`` pairs, so that a message stays one readable line."""
+    listed = "; ".join(f"layer {name or '<root>'}: {reason}" for name, reason in list(skipped.items())[:shown])
+    more = len(skipped) - shown
+    return listed + (f"; and {more} more layer(s)" if more > 0 else "")

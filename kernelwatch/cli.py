@@ -1,34 +1,44 @@
 """The ``kernelwatch`` command: ``analyze`` a checkpoint or timm model, ``summary`` of a log,
 ``pretrain`` a spectrum.
 
-Exit codes: 0 success, 2 bad input (with a one-line message on stderr).
+Exit codes: 0 success, 2 bad input or any other failure (with a one-line message on stderr;
+``KERNELWATCH_DEBUG=1`` shows the traceback of unexpected failures instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kernelwatch._config import DEFAULT_N_CODES, DEFAULT_SEED
+from kernelwatch.checkpoint_file import check_checkpoint_file
 from kernelwatch.errors import KernelWatchError
+
+#: The one timm model source taken besides registry names: a local model folder (``config.json``).
+_TIMM_LOCAL_SOURCE = "local-dir"
 
 
 def _load_target(target: str, weights: str | None) -> Any:
     """A checkpoint path, or ``timm:NAME`` built without downloading anything."""
+    # Inputs are checked before torch and timm are imported (seconds), so that mistakes are refused at once.
     if not target.startswith("timm:"):
         if weights:
             raise KernelWatchError("--weights only goes with a timm:NAME target")
+        check_checkpoint_file(target)
         return target
-    import timm
-
     name = target[len("timm:") :]
-    try:
-        model = timm.create_model(name, pretrained=False)
-    except (RuntimeError, ValueError) as err:
-        raise KernelWatchError(f"timm cannot build {name!r}: {err}") from err
+    _check_timm_name(name)
+    if weights is not None:
+        check_checkpoint_file(weights)
+    model = _build_timm_model(name)
     if weights is None:
         print(
             f"note: {name} is randomly initialised (kernelwatch never downloads weights; "
@@ -36,20 +46,72 @@ def _load_target(target: str, weights: str | None) -> Any:
             file=sys.stderr,
         )
         return model
+    _load_weights(model, name, weights)
+    return model
+
+
+def _check_timm_name(name: str) -> None:
+    """Refuse names that make timm fetch something: kernelwatch never downloads."""
+    if not name:
+        raise KernelWatchError("timm: needs an architecture name, e.g. timm:convnext_atto")
+    source, has_source, location = name.partition(":")
+    if has_source and source.lower() == _TIMM_LOCAL_SOURCE:
+        _check_timm_model_folder(location)
+    elif has_source or "/" in name or "\\" in name:
+        # hf-hub:, hf_hub:, bare Hub ids (older timm strips "owner/") and whatever timm adds next.
+        raise KernelWatchError(
+            f"timm:{name} names a model to download, and kernelwatch never downloads: pass a local "
+            "checkpoint file, or timm:ARCH --weights FILE with a timm architecture name"
+        )
+
+
+def _check_timm_model_folder(folder: str) -> None:
+    if not os.path.isdir(folder):
+        raise KernelWatchError(f"timm:{_TIMM_LOCAL_SOURCE}:{folder}: no such folder")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise KernelWatchError(
+            f"timm:{_TIMM_LOCAL_SOURCE}:{folder}: the folder has no config.json, so it is no timm model folder"
+        )
+
+
+def _build_timm_model(name: str) -> Any:
+    """The timm architecture ``name``, randomly initialised."""
+    # timm 1.0 fetches nothing for a registry name with pretrained=False; offline mode keeps that
+    # true should timm change. huggingface_hub reads the variable on import, hence before timm's.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=False)
+    except Exception as err:  # unknown names and bad model folders surface as many exception types
+        reason = f"missing key {err}" if isinstance(err, KeyError) else _first_line(err)
+        raise KernelWatchError(f"timm cannot build {name!r}: {reason}") from err
+
+
+def _load_weights(model: Any, name: str, weights: str) -> None:
     from kernelwatch.extraction import load_checkpoint
 
-    missing, unexpected = model.load_state_dict(load_checkpoint(weights), strict=False)
+    state_dict = load_checkpoint(weights)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches, one line each after a heading
+        mismatches = str(err).strip().splitlines()[1:] or [str(err)]
+        raise KernelWatchError(
+            f"{weights} does not fit timm:{name}: {mismatches[0].strip()}"
+            + (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else "")
+        ) from err
     if unexpected or missing:
         raise KernelWatchError(
             f"{weights} does not fit timm:{name}: {len(missing)} missing, {len(unexpected)} unexpected keys"
         )
-    return model
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    target = _load_target(args.target, args.weights)
     from kernelwatch.analysis import analyze
 
-    report = analyze(_load_target(args.target, args.weights))
+    with _library_warnings_silenced():
+        report = analyze(target)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         print()
@@ -65,6 +127,18 @@ def _summary(args: argparse.Namespace) -> int:
     summary = summarise(args.log_dir)
     print(fmt.encode_json(summary).decode() if args.json else format_summary(summary))
     return 0
+
+
+@contextmanager
+def _library_warnings_silenced() -> Iterator[None]:
+    """The table and the error message name every layer left out; the library's warning would repeat it."""
+    logger = logging.getLogger("kernelwatch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -123,8 +197,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except KernelWatchError as err:
-        print(f"kernelwatch {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(err))
+    except BrokenPipeError:  # the output's reader stopped early (`| head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as err:  # last resort: whatever slipped through still gets one line, not a traceback
+        if os.environ.get("KERNELWATCH_DEBUG") == "1":
+            raise
+        return _fail(
+            args.command,
+            f"unexpected {type(err).__name__}: {_first_line(err)} (KERNELWATCH_DEBUG=1 shows the traceback)",
+        )
+
+
+def _fail(command: str, message: str) -> int:
+    """Print ``message`` as one line on stderr; exit code 2."""
+    print(f"kernelwatch {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    return next((line.strip() for line in text.splitlines() if line.strip()), "(no message)")[:300]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -11,6 +14,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from kernelwatch._config import SUPPORTED_KERNEL_SIZES
+from kernelwatch.checkpoint_file import check_checkpoint_file
 from kernelwatch.errors import KernelWatchError
 
 logger = logging.getLogger("kernelwatch")
@@ -21,6 +26,9 @@ _CHECKPOINT_KEYS: tuple[str, ...] = ("state_dict", "model", "model_state_dict", 
 _WRAPPER_ATTRS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 #: Wrappers that hold the real model as ``.module``.
 _DATA_PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+#: Most values a depthwise weight may hold, far above real layers (2,048 channels of 31x31 kernels
+#: hold 2M): a tiny file can declare an expanded or sparse tensor that would not fit in memory.
+MAX_KERNEL_VALUES = 1 << 26
 
 if torch.distributed.is_available():
     from torch.distributed.fsdp import FullyShardedDataParallel as _FSDP
@@ -49,6 +57,8 @@ class DepthwiseKernels(OrderedDict[str, torch.Tensor]):
             return
         if isinstance(weight, _DTensor):  # an FSDP2 state dict: gathering is a collective
             weight = weight.full_tensor()
+        if weight.layout != torch.strided:  # e.g. a pruned checkpoint saved sparse
+            weight = weight.to_dense()
         # A copy, so the snapshot neither changes with training nor outlives gathered FSDP storage.
         self[name] = (
             weight.detach()
@@ -80,7 +90,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
     """Load the state dict of a ``.pt``/``.pth``/``.bin`` checkpoint on CPU, without running pickled code.
 
     A state dict nested under ``state_dict``, ``model``, ``model_state_dict``, ``module`` or
-    ``net`` is unwrapped; entries that are not tensors are dropped.
+    ``net`` is unwrapped; entries that are not tensors are dropped. Files that are not
+    ``torch.save`` checkpoints, and checkpoints holding Python objects other than tensors and
+    containers, are refused with the reason in a :class:`KernelWatchError`.
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as tmp:
@@ -88,16 +100,36 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
     ...     sorted(load_checkpoint(f"{tmp}/ckpt.pt"))
     ['bias', 'weight']
     """
-    if not os.path.isfile(path):
-        raise KernelWatchError(f"checkpoint not found: {os.fspath(path)!r} is not an existing file")
+    name = os.fspath(path)
+    check_checkpoint_file(name)
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load reports corrupt files through many unrelated exception types
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KernelWatchError(
-            f"cannot load checkpoint {os.fspath(path)!r}: corrupt, truncated or not a torch file ({reason})"
-        ) from exc
-    return _state_dict_of(content, f"checkpoint {os.fspath(path)!r}")
+        content = _torch_load(name)
+    except Exception as exc:  # torch.load reports damaged files through many unrelated exception types
+        raise KernelWatchError(f"cannot load checkpoint {name!r}: {_load_failure_reason(exc)}") from exc
+    return _state_dict_of(content, f"checkpoint {name!r}")
+
+
+def _torch_load(path: str) -> object:
+    with warnings.catch_warnings():
+        # torch's notices here (sparse-tensor validation, deprecated storages) say nothing about the file.
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_failure_reason(exc: Exception) -> str:
+    """A sentence for why torch.load failed on a file that starts like a checkpoint."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in message:
+        culprit = re.search(r"GLOBAL ([\w.]+)", message)
+        found = f" ({culprit.group(1)})" if culprit else ""
+        return (
+            f"it holds pickled Python objects{found} that only load with weights_only=False, which runs "
+            "code from the file; kernelwatch never does: save the state dict alone, "
+            "torch.save(model.state_dict(), PATH)"
+        )
+    detail = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    # torch's own words help when they form a sentence, not when they are a bare key such as "101".
+    return "the file is truncated or damaged" + (f" ({detail[:200]})" if " " in detail else "")
 
 
 def extract_depthwise(
@@ -110,12 +142,14 @@ def extract_depthwise(
     checkpointing) are left out. With FSDP (FSDP1 or FSDP2 ``fully_shard``) gathering the full
     weights is a collective: every rank must call this, in the same order.
 
-    Without the model class, every floating ``[C, 1, k, k]`` entry (``C, k > 1``) whose key
-    ends in ``weight`` counts as depthwise. A state dict cannot tell dilation (``dilated`` stays
-    empty) nor a regular convolution with one input channel from a depthwise one.
+    Without the model class, every ``[C, 1, kh, kw]`` (or 3-D ``[C, 1, d, kh, kw]``) entry with
+    ``C > 1`` whose key ends in ``weight`` counts as depthwise; sparse ones are made dense. A state
+    dict cannot tell dilation (``dilated`` stays empty) nor a regular convolution with one input
+    channel from a depthwise one.
 
-    Depthwise layers that cannot be analysed (non-square kernels, 1x1, 3-D convolutions) are
-    listed in ``.unsupported`` and logged in one WARNING. A model without depthwise convolutions
+    Depthwise layers that cannot be analysed (non-square kernels, 1x1, 3-D convolutions, weights
+    that are not floating point or declare more than ``MAX_KERNEL_VALUES`` values) are listed in
+    ``.unsupported`` and logged in one WARNING. A model without depthwise convolutions
     gives an empty result. NaN/Inf weights are returned as they are.
 
     >>> model = nn.Sequential(nn.Conv2d(3, 3, 5, groups=3), nn.Conv2d(3, 8, 1))
@@ -200,7 +234,9 @@ def _bare_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _state_dict_of(content: object, source: str) -> Mapping[str, torch.Tensor]:
-    while isinstance(content, Mapping):
+    unwrapped = set()  # a pickle can hold a dict inside itself
+    while isinstance(content, Mapping) and id(content) not in unwrapped:
+        unwrapped.add(id(content))
         key = next((k for k in _CHECKPOINT_KEYS if isinstance(content.get(k), Mapping)), None)
         if key is None:
             break
@@ -223,10 +259,9 @@ def _from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> DepthwiseKernels
     kernels = DepthwiseKernels()
     for key, weight in state_dict.items():
         shape = weight.shape
-        per_channel = weight.ndim > 3 and shape[0] > 1 and shape[1] == 1 and shape[2:].numel() > 1
-        if not (key.endswith("weight") and weight.is_floating_point() and per_channel):
-            continue
-        if weight.ndim in (4, 5):
+        # Non-float and 1x1 ones too, so that they are reported as left out rather than silently missed.
+        per_channel = weight.ndim in (4, 5) and shape[0] > 1 and shape[1] == 1 and shape[2:].numel() > 0
+        if key.endswith("weight") and per_channel:
             kernels.add(_bare_key(key.removesuffix(".weight")), weight)
     return kernels
 
@@ -244,15 +279,22 @@ def unsupported_reason(weight: torch.Tensor) -> str | None:
 
     >>> unsupported_reason(torch.zeros(4, 1, 1, 5))
     'non-square kernel 1x5 (weight [4, 1, 1, 5]); only k x k kernels are analysed'
+    >>> unsupported_reason(torch.zeros(4, 1, 1, 1))
+    '1x1 kernel (weight [4, 1, 1, 1]) has no spatial pattern; spectra ship for 3x3, 5x5, 7x7'
     """
     shape = list(weight.shape)
     if weight.ndim == 5:
         return f"3-D depthwise convolution (weight {shape}); only 2-D kernels are analysed"
     if weight.is_meta:
         return f"weight {shape} is on the meta device and holds no values"
+    if not weight.is_floating_point():
+        return f"{weight.dtype} weight {shape}; only floating-point weights are analysed"
+    if weight.numel() > MAX_KERNEL_VALUES:
+        return f"weight {shape} declares {weight.numel():,} values, more than any real depthwise layer"
     kh, kw = weight.shape[2:]
     if kh != kw:
         return f"non-square kernel {kh}x{kw} (weight {shape}); only k x k kernels are analysed"
     if kh == 1:
-        return f"1x1 kernel (weight {shape}) has no spatial pattern"
+        sizes = ", ".join(f"{k}x{k}" for k in SUPPORTED_KERNEL_SIZES)
+        return f"1x1 kernel (weight {shape}) has no spatial pattern; spectra ship for {sizes}"
     return None

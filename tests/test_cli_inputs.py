@@ -1,0 +1,328 @@
+"""`kernelwatch analyze` on bad and unusual input, through the real command in a subprocess.
+
+Every run must end with the expected exit code, at most one line on stderr and no traceback,
+within 10 s, and without reaching for the network: a ``sitecustomize`` module put on the
+subprocess's path makes every socket connection and name lookup fail, and records the attempt.
+The 10 s are CPU seconds, so that a machine busy with other work does not fail the tests; a run
+that waits on something instead is stopped by a 30 s wall-clock timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernelwatch import cli
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_LIMIT_S = 10
+WALL_LIMIT_S = 30
+
+NETWORK_GUARD = """
+import os, socket
+
+def _refuse(*args, **kwargs):
+    with open(os.environ["KW_NETWORK_LOG"], "a") as log:
+        log.write(repr(args)[:200] + "\\n")
+    raise OSError("network use refused by tests/test_cli_inputs.py")
+
+socket.socket.connect = socket.socket.connect_ex = _refuse
+socket.create_connection = socket.getaddrinfo = _refuse
+"""
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    cpu_seconds: float
+    network_attempts: str
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Callable[..., Run]:
+    """Run ``python -m <args>`` with the worktree first on the path and the network guard on."""
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NETWORK_GUARD)
+    log = tmp_path / "network.log"
+    path = [str(guard), str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "KW_NETWORK_LOG": str(log)}
+    env.pop("KERNELWATCH_DEBUG", None)
+
+    def run(*args: str) -> Run:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=WALL_LIMIT_S)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        attempts = log.read_text() if log.exists() else ""
+        return Run(out.returncode, out.stdout, out.stderr, cpu, attempts)
+
+    return run
+
+
+def analyze(run: Callable[..., Run], *args: str) -> Run:
+    out = run("-m", "kernelwatch.cli", "analyze", *args)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.network_attempts == ""
+    assert out.cpu_seconds < CPU_LIMIT_S
+    return out
+
+
+# Checkpoint contents -------------------------------------------------------------------------
+
+
+def depthwise_state_dict(k: int = 5, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A stem, a depthwise and a pointwise conv, as a training script would save them."""
+    torch.manual_seed(0)
+    return {
+        "stem.weight": torch.randn(16, 3, 3, 3, dtype=dtype),
+        "dw.weight": torch.randn(16, 1, k, k, dtype=dtype),
+        "dw.bias": torch.zeros(16, dtype=dtype),
+        "pw.weight": torch.randn(32, 16, 1, 1, dtype=dtype),
+    }
+
+
+class RunsCodeWhenUnpickled:
+    """Unpickling it creates the file named by ``marker``: proof that pickled code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def saved(content: object, **kwargs) -> Callable[[Path], str]:
+    def make(directory: Path) -> str:
+        torch.save(content, directory / "ckpt.pt", **kwargs)
+        return str(directory / "ckpt.pt")
+
+    return make
+
+
+def written(data: bytes, name: str = "ckpt.pt") -> Callable[[Path], str]:
+    def make(directory: Path) -> str:
+        (directory / name).write_bytes(data)
+        return str(directory / name)
+
+    return make
+
+
+def truncated(**save_kwargs) -> Callable[[Path], str]:
+    def make(directory: Path) -> str:
+        path = directory / "ckpt.pt"
+        torch.save(depthwise_state_dict(), path, **save_kwargs)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return str(path)
+
+    return make
+
+
+def needs_code(directory: Path) -> str:
+    content = {"state_dict": depthwise_state_dict(), "extra": RunsCodeWhenUnpickled(directory / "pwned")}
+    torch.save(content, directory / "ckpt.pt")
+    return str(directory / "ckpt.pt")
+
+
+def torchscript(directory: Path) -> str:
+    with zipfile.ZipFile(directory / "ckpt.pt", "w") as archive:  # the entries torch.load looks at
+        for entry in ("data.pkl", "constants.pkl", "code/__torch__.py", "version"):
+            archive.writestr(f"archive/{entry}", b"")
+    return str(directory / "ckpt.pt")
+
+
+def huge_declared_tensors(directory: Path) -> str:
+    """A few hundred bytes declaring 10^12 sparse and 9 * 10^9 expanded values."""
+    indices, values = torch.zeros(4, 1, dtype=torch.long), torch.ones(1)
+    sparse = torch.sparse_coo_tensor(indices, values, (10**6, 1, 1000, 1000), check_invariants=True)
+    expanded = torch.zeros(1).expand(10**9, 1, 3, 3)
+    torch.save({"sparse.weight": sparse, "expanded.weight": expanded}, directory / "ckpt.pt")
+    return str(directory / "ckpt.pt")
+
+
+def record_smaller_than_declared(directory: Path) -> str:
+    """A zip checkpoint whose pickle declares a storage of 2^31 elements over a 576-byte record."""
+    path = directory / "ckpt.pt"
+    torch.save({"dw.weight": torch.zeros(16, 1, 3, 3)}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    pickle_entry = next(name for name in entries if name.endswith("data.pkl"))
+    numel = struct.pack("<B", 16 * 9)  # BININT1 144: the storage's element count
+    assert entries[pickle_entry].count(b"K" + numel) == 1
+    entries[pickle_entry] = entries[pickle_entry].replace(b"K" + numel, b"J" + struct.pack("<i", 2**31 - 1))
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return str(path)
+
+
+def holding_itself(directory: Path) -> str:
+    checkpoint: dict = {}
+    checkpoint["model"] = checkpoint
+    torch.save(checkpoint, directory / "ckpt.pt")
+    return str(directory / "ckpt.pt")
+
+
+def dcp_folder(directory: Path) -> str:
+    (directory / ".metadata").write_bytes(b"")
+    return str(directory)
+
+
+def same(target: str) -> Callable[[Path], str]:
+    return lambda directory: target
+
+
+REFUSED = [
+    pytest.param(lambda d: str(d / "missing.pt"), ["checkpoint not found", "does not exist"], id="missing-file"),
+    pytest.param(str, ["is a directory; pass the checkpoint file inside it"], id="directory"),
+    pytest.param(dcp_folder, ["torch.distributed.checkpoint folder", "dcp_to_torch_save"], id="dcp-folder"),
+    pytest.param(written(b""), ["the file is empty"], id="empty-file"),
+    pytest.param(truncated(), ["truncated or damaged"], id="truncated-zip-checkpoint"),
+    pytest.param(
+        truncated(_use_new_zipfile_serialization=False), ["truncated or damaged"], id="truncated-legacy-checkpoint"
+    ),
+    pytest.param(written(b"epoch,loss\n1,0.5\n"), ["it is a text file"], id="text-file"),
+    pytest.param(written(b"\x89PNG\r\n\x1a\n" + bytes(64), "x.png"), ["it is a PNG image"], id="png-image"),
+    pytest.param(written(bytes(range(256)) * 4), ["not a PyTorch checkpoint", "corrupt"], id="random-bytes"),
+    pytest.param(needs_code, ["io.open", "weights_only=False", "never does"], id="needs-pickled-code"),
+    pytest.param(written(b"\x80\x04\x95" + bytes(40)), ["pickle that torch.save did not write"], id="plain-pickle"),
+    pytest.param(torchscript, ["TorchScript archive"], id="torchscript"),
+    pytest.param(huge_declared_tensors, ["layer sparse: weight [1000000, 1, 1000, 1000] declares"], id="huge-dims"),
+    pytest.param(record_smaller_than_declared, ["truncated or damaged", "record size"], id="short-record"),
+    pytest.param(holding_itself, ["holds no tensors"], id="dict-holding-itself"),
+    pytest.param(
+        saved(depthwise_state_dict(k=1)),
+        ["layer dw: 1x1 kernel", "no spatial pattern", "3x3, 5x5, 7x7"],
+        id="1x1-depthwise",
+    ),
+    pytest.param(saved(depthwise_state_dict(k=4)), ["layer dw: 4x4 kernels", "no spectrum"], id="even-kernel"),
+    pytest.param(
+        saved({"dw.weight": torch.randn(16, 1, 3, 5)}), ["layer dw: non-square kernel 3x5"], id="non-square-kernel"
+    ),
+    pytest.param(
+        saved({"dw.weight": torch.ones(16, 1, 3, 3, dtype=torch.int32)}),
+        ["torch.int32", "floating-point"],
+        id="int-weights",
+    ),
+    pytest.param(
+        saved({"conv.weight": torch.randn(8, 3, 3, 3), "squeezed.weight": torch.randn(16, 3, 3)}),
+        ["no depthwise convolutions found"],
+        id="no-depthwise-only-a-conv-and-a-3d-tensor",
+    ),
+    pytest.param(same("timm:hf-hub:foo/bar"), ["never downloads", "local checkpoint"], id="timm-hf-hub"),
+    pytest.param(same("timm:hf_hub:foo/bar"), ["never downloads"], id="timm-hf_hub"),
+    pytest.param(same("timm:foo/bar"), ["never downloads"], id="timm-hub-id-without-prefix"),
+    pytest.param(same("timm:local-dir:/nonexistent"), ["/nonexistent: no such folder"], id="timm-local-dir-missing"),
+    pytest.param(same("timm:"), ["needs an architecture name"], id="timm-without-name"),
+]
+
+
+@pytest.mark.parametrize(("make", "message"), REFUSED)
+def test_bad_input_exits_2_with_one_line(run, tmp_path: Path, make, message: list[str]) -> None:
+    target = make(tmp_path)
+    out = analyze(run, target)
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    assert out.stderr.startswith("kernelwatch analyze: error: ") and out.stderr.count("\n") == 1, out.stderr
+    for part in message:
+        assert part in out.stderr
+    assert not (tmp_path / "pwned").exists()  # the pickled payload never ran
+
+
+def test_a_bad_weights_file_is_refused_before_timm_is_imported(run, tmp_path: Path) -> None:
+    (tmp_path / "w.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    out = analyze(run, "timm:convnext_atto", "--weights", str(tmp_path / "w.png"))
+    assert out.returncode == 2 and "it is a PNG image" in out.stderr and out.stderr.count("\n") == 1
+    assert out.cpu_seconds < 1  # neither torch nor timm imported: importing torch alone takes longer
+
+
+def half_precision() -> dict[str, torch.Tensor]:
+    weight = depthwise_state_dict()["dw.weight"]
+    return {"dw.weight": weight.half(), "dw_bf16.weight": weight.bfloat16()}
+
+
+ANALYSABLE = [
+    pytest.param(saved(half_precision()), ["dw", "dw_bf16"], id="fp16-and-bf16"),
+    pytest.param(saved({"dw.weight": depthwise_state_dict()["dw.weight"].to_sparse()}), ["dw"], id="sparse-weight"),
+    pytest.param(saved({"epoch": 3, "model": {"state_dict": depthwise_state_dict()}}), ["dw"], id="nested-state-dict"),
+    pytest.param(saved(depthwise_state_dict(), _use_new_zipfile_serialization=False), ["dw"], id="legacy-format"),
+]
+
+
+@pytest.mark.parametrize(("make", "layers"), ANALYSABLE)
+def test_unusual_but_valid_checkpoints_are_analysed(run, tmp_path: Path, make, layers: list[str]) -> None:
+    out = analyze(run, make(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    rows = {line.split()[0]: line.split()[1:4] for line in out.stdout.splitlines()[2:-2]}
+    assert rows == {name: ["5", "16", "0"] for name in layers}  # k, kernels, invalid
+
+
+def nan_inf_and_zero_kernels() -> dict[str, torch.Tensor]:
+    state_dict = depthwise_state_dict()
+    weight = state_dict["dw.weight"]
+    weight[0] = float("nan")
+    weight[1, 0, 2, 2] = float("inf")
+    weight[2:4] = 0.0
+    return state_dict
+
+
+def test_invalid_kernels_are_visible_in_the_table_and_json(run, tmp_path: Path) -> None:
+    path = saved(nan_inf_and_zero_kernels())(tmp_path)
+    table = analyze(run, path)
+    assert table.returncode == 0 and table.stderr == ""
+    lines = table.stdout.splitlines()
+    columns = lines[0].split()
+    assert columns[:5] == ["layer", "k", "kernels", "invalid", "clust%"]
+    layer = next(line for line in lines if line.startswith("dw ")).split()
+    total = next(line for line in lines if line.startswith("all ")).split()
+    assert layer[columns.index("invalid")] == "4"
+    assert total[columns.index("invalid") - 1] == "4"  # the total row leaves k empty
+    assert "note: 4 of 16 kernels are invalid (NaN/Inf, all-zero or constant)" in table.stdout
+
+    report = json.loads(analyze(run, path, "--json").stdout)
+    assert report["n_invalid"] == 4 and report["layers"][0]["n_invalid"] == 4
+
+
+@pytest.mark.slow
+def test_timm_model_is_built_offline(run) -> None:
+    out = analyze(run, "timm:mobilenetv3_small_050")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("\n") == 1 and "randomly initialised" in out.stderr
+    assert "blocks.1.0.conv_dw" in out.stdout
+
+
+def test_the_network_guard_catches_connections(run) -> None:
+    """Without this, a broken guard would let every no-network assertion above pass."""
+    out = run("-c", "import socket; socket.create_connection(('example.org', 80), timeout=1)")
+    assert out.returncode != 0 and "refused by tests/test_cli_inputs.py" in out.stderr
+    assert "example.org" in out.network_attempts
+
+
+def test_an_unexpected_failure_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path: Path) -> None:
+    def fail(target):
+        raise ZeroDivisionError("boom\nsecond line")
+
+    monkeypatch.setattr("kernelwatch.analysis.analyze", fail)
+    path = saved(depthwise_state_dict())(tmp_path)
+    monkeypatch.delenv("KERNELWATCH_DEBUG", raising=False)
+    assert cli.main(["analyze", path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unexpected ZeroDivisionError: boom" in err and "KERNELWATCH_DEBUG=1" in err
+
+    monkeypatch.setenv("KERNELWATCH_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["analyze", path])
