@@ -14,12 +14,16 @@ and written to TensorBoard on a background thread. See ``docs/monitor.md``.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import queue
 import signal
+import socket
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +54,10 @@ logger = logging.getLogger("kernelwatch")
 
 #: Version of :meth:`KernelWatch.state_dict`.
 STATE_VERSION = 1
+#: The file a watch holds in its log directory while it writes there (TensorBoard ignores it).
+LOCK_FILE = "kernelwatch.lock"
+#: Steps are TensorBoard's int64 event steps, and not negative.
+MAX_STEP = 2**63 - 1
 _LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _STOP = object()
 
@@ -98,8 +106,13 @@ class KernelWatch:
 
     Anomalies are logged by the worker; ``on_anomaly(anomaly)`` is called and ``raise_on``
     (``"info"``, ``"warning"``, ``"error"`` or None) raises :class:`~kernelwatch.anomalies.AnomalyError`
-    on the training thread at the next call (or at :meth:`close`). A failure on the worker is
-    raised there too, as a :class:`KernelWatchError`; the watch writes nothing after it.
+    on the training thread at the next call (or at :meth:`close`).
+
+    Monitoring never stops the training: a failure on the worker (a full disk) is logged once,
+    at ERROR, with what was kept, and the watch stops writing; later calls return False. With
+    ``strict=True`` it is raised instead, as a :class:`KernelWatchError` at the next call (the
+    watch stops all the same), and a log directory another live watch writes to is an error
+    rather than a warning.
     """
 
     def __init__(
@@ -118,8 +131,10 @@ class KernelWatch:
         queue_size: int = 2,
         flush_timeout: float = 60.0,
         handle_sigterm: bool = True,
+        strict: bool = False,
     ):
         self.log_dir = str(log_dir)
+        self.strict = bool(strict)
         self._wanted = _schedule(every, schedule, total_epochs, n_snapshots)
         if raise_on is not None and raise_on not in SEVERITIES:
             raise KernelWatchError(f"raise_on must be None or one of {SEVERITIES}, got {raise_on!r}")
@@ -135,25 +150,41 @@ class KernelWatch:
         self._steps: list[int] = []
         self._last_model: nn.Module | None = None  # the last call's, if it was skipped
         self._resumed_after: int | None = None
+        self._replaying = False  # after load_state_dict, until a call passes the saved last step
         self._session_started = False
         self._closed = False
-        self._failed = False  # set by the worker on its first failure; it writes nothing after
+        self._failed = False  # set on the first failure of the worker; it writes nothing after
         # Worker state; shared with the training thread through the queue and this lock only.
         self._lock = threading.Lock()
         self._pending: list[Anomaly] = []
-        self._error: BaseException | None = None
+        self._error: KernelWatchError | None = None  # strict: a failure to raise at the next call
+        self._written: int | None = None  # the last step whose snapshot the worker completed
+        self._kernel_sizes: dict[str, tuple[int, int]] = {}  # each conv's first kernel size
+        self._resized: set[str] = set()  # convs whose kernel size changed
         self._detector = AnomalyDetector(anomaly_config)
         self._spectra: dict[int, Spectrum] = {}
         self._reference = UpdateReference()
         self._warned: set[str] = set()
         self._writer: EventWriter | None = None
+        self._dir_lock: _DirLock | None = None
         self._worker: threading.Thread | None = None
         self._previous_sigterm: Any = None
         self._sigterm_installed = False
         if not self._is_main:
             return
-        # Raises a KernelWatchError naming the directory if it cannot be written.
-        self._writer = EventWriter(self.log_dir)
+        # A KernelWatchError naming the directory if it cannot be written; a warning (strict:
+        # an error) if another live watch writes there.
+        try:
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._dir_lock = _DirLock.acquire(self.log_dir, self.strict)
+        except OSError as err:
+            raise KernelWatchError(f"cannot write TensorBoard events to {self.log_dir!r}: {err}") from err
+        try:
+            self._writer = EventWriter(self.log_dir)
+        except BaseException:
+            if self._dir_lock is not None:
+                self._dir_lock.release()
+            raise
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         torch.get_num_threads()  # fixes this thread's torch thread count before the worker starts
         self._worker = threading.Thread(target=self._work, name="kernelwatch-worker", daemon=True)
@@ -183,16 +214,16 @@ class KernelWatch:
         self._deliver()
         step = _check_step(step)
         if self._last_step is not None and step <= self._last_step:
-            logger.debug("kernelwatch: step %d is not after step %d; skipped", step, self._last_step)
+            self._skip(step)
             return False
         take = force or self._calls == 0 or self._wanted(step)
         self._calls += 1
         self._last_step = step
+        self._replaying = False
         self._last_model = None if take else model
-        if not take or self._failed:
+        if not take:
             return False
-        self._take(model, step)
-        return True
+        return self._take(model, step)
 
     def on_train_end(self, model: nn.Module, step: int) -> None:
         """Snapshot the final weights (unless ``step`` was snapshotted already), then :meth:`close`."""
@@ -201,9 +232,11 @@ class KernelWatch:
         step = _check_step(step)
         if self._last_step is None or step > self._last_step:
             self.snapshot(model, step, force=True)
-        elif step == self._last_step and self._last_model is not None and not self._failed:
+        elif step == self._last_step and self._last_model is not None:
             self._last_model = None
             self._take(model, step)
+        elif step < self._last_step:
+            self._skip(step)
         self._close(final=False, deliver=True)
 
     def close(self) -> None:
@@ -231,13 +264,16 @@ class KernelWatch:
         """The timeline so far (JSON-able), to save with the training checkpoint. Waits until
         the worker has caught up, so that the anomaly history includes every snapshot."""
         self.flush()
-        return {
+        state = {
             "version": STATE_VERSION,
             "calls": self._calls,
             "last_step": self._last_step,
             "steps": list(self._steps),
             "anomalies": self._detector.state_dict(),
         }
+        if self._resized:  # the first kernel size of each conv whose size changed
+            state["kernel_sizes"] = {name: list(self._kernel_sizes[name]) for name in sorted(self._resized)}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the timeline of ``state``: calls up to its last step are skipped, the first
@@ -254,17 +290,26 @@ class KernelWatch:
             calls, last_step = int(state["calls"]), state["last_step"]
             steps = [int(s) for s in state["steps"]]
             anomalies = state["anomalies"]
-        except (KeyError, TypeError, ValueError) as err:
+            sizes = {str(name): (int(h), int(w)) for name, (h, w) in (state.get("kernel_sizes") or {}).items()}
+            last_step = None if last_step is None else _check_step(last_step)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise KernelWatchError(f"not a KernelWatch state: {err!r}") from err
         self._detector.load_state_dict(anomalies)
+        self._kernel_sizes.update(sizes)
+        self._resized.update(sizes)
         if self._is_main:
             try:
                 self._reference = UpdateReference.load(self.log_dir)
             except KernelWatchError as err:
                 logger.warning("kernelwatch: %s; the update lens restarts from this run's first snapshot", err)
+            # A depthwise layer's first kernel size, also for a size that changes at the resume.
+            for name, kernels in self._reference.kernels.items():
+                if "@" not in name:
+                    self._kernel_sizes.setdefault(name, (int(kernels.shape[-2]), int(kernels.shape[-1])))
         self._calls, self._steps = calls, steps
-        self._last_step = None if last_step is None else int(last_step)
+        self._last_step = last_step
         self._resumed_after = self._last_step
+        self._replaying = last_step is not None
 
     # -- training thread internals --------------------------------------------------------------
 
@@ -272,11 +317,36 @@ class KernelWatch:
         if self._closed:
             raise KernelWatchError(f"this KernelWatch for {self.log_dir!r} is closed")
 
-    def _take(self, model: nn.Module, step: int) -> None:
+    def _skip(self, step: int) -> None:
+        """A call whose step is not after the last call's: skipped, and warned once (a step
+        counter that restarts each epoch would otherwise silently end the timeline)."""
+        if self._replaying and self._resumed_after is not None and step <= self._resumed_after:
+            logger.debug("kernelwatch: step %d is before the checkpoint's step %d; skipped", step, self._resumed_after)
+        elif "skipped step" in self._warned:
+            logger.debug("kernelwatch: step %d is not after step %d; skipped", step, self._last_step)
+        else:
+            self._warned.add("skipped step")
+            logger.warning(
+                "kernelwatch: step %d is not after the previous call's step %d, so this call is skipped, and so "
+                "is every later call until the step passes %d (warned once). Pass a step that grows over the "
+                "whole run, e.g. a global step counter (epoch * batches_per_epoch + batch), not one that "
+                "restarts each epoch.",
+                step,
+                self._last_step,
+                self._last_step,
+            )
+
+    def _take(self, model: nn.Module, step: int) -> bool:
+        """Snapshot ``model`` at ``step``; False (nothing taken) once the watch has stopped."""
+        if self._failed:
+            # Stopped after a failure: under FSDP the other ranks still gather at this call.
+            if is_sharded(model):
+                self._copy(model, step)
+            return False
         snapshot = self._copy(model, step)
         self._steps.append(step)
         if snapshot is None:  # not the main process
-            return
+            return True
         if not self._session_started:
             self._session_started = True
             # Marks a (re)start for TensorBoard: it drops what a crashed run wrote after the
@@ -284,6 +354,7 @@ class KernelWatch:
             snapshot.session_start = step if self._resumed_after is None else self._resumed_after + 1
         # Blocks while queue_size snapshots wait: memory stays bounded, no snapshot is lost.
         self._queue.put(snapshot)
+        return True
 
     def _copy(self, model: nn.Module, step: int) -> _Snapshot | None:
         """Copy every Conv2d weight off the device; gather sharded ones on every rank."""
@@ -329,10 +400,7 @@ class KernelWatch:
             error, self._error = self._error, None
             anomalies, self._pending = self._pending, []
         if error is not None:
-            raise KernelWatchError(
-                f"kernelwatch's background worker failed ({type(error).__name__}: {error}); "
-                f"snapshots before it are in {self.log_dir!r}, none are written after it"
-            ) from error
+            raise error
         for anomaly in anomalies:
             if self.on_anomaly is not None:
                 self.on_anomaly(anomaly)
@@ -345,15 +413,15 @@ class KernelWatch:
             return
         try:
             model, self._last_model = self._last_model, None
-            if final and model is not None and not self._failed:
+            if final and model is not None:
                 self._take(model, self._last_step)
         finally:
             self._closed = True
             self._shutdown()
         if deliver:
             self._deliver()
-        elif self._error is not None:
-            logger.error("kernelwatch's background worker failed: %r", self._error)
+        elif self._error is not None:  # strict, but nothing left to raise it from
+            logger.error("%s", self._error)
 
     def _shutdown(self) -> None:
         """Stop the worker once it has written everything queued; close the file."""
@@ -363,7 +431,13 @@ class KernelWatch:
         self._worker.join(self.flush_timeout)
         if self._worker.is_alive():
             logger.error("kernelwatch: worker still busy after %.0f s; closing without it", self.flush_timeout)
-        self._writer.close()
+            self._failed = True  # what it still writes fails on the closed file, unreported
+        try:
+            self._writer.close()
+        except KernelWatchError as err:
+            self._fail(None, err)
+        if self._dir_lock is not None:
+            self._dir_lock.release()
         atexit.unregister(self._at_exit)
         # Only the main thread may set handlers; a handler set after ours stays (it chains to us,
         # and ours passes on once closed).
@@ -409,15 +483,47 @@ class KernelWatch:
                     return
                 if not self._failed:
                     self._process(item)
-            except BaseException as err:  # handed to the training thread, which raises it
-                with self._lock:
-                    self._failed, self._error = True, err
+                    self._written = item.step
+            except BaseException as err:  # logged once (strict: raised at the next call); it stops the watch
+                self._fail(item.step, err)
             finally:
                 self._queue.task_done()
+
+    def _fail(self, step: int | None, err: BaseException) -> None:
+        """Stop the watch after ``err``: log it once at ERROR, or (strict) leave it to be raised
+        on the training thread at the next call. The training goes on either way."""
+        with self._lock:
+            if self._failed:
+                return
+            self._failed = True
+        at = "" if step is None else f" at step {step}"
+        kept = (
+            f"no snapshot of this run was completed in {self.log_dir!r}"
+            if self._written is None
+            else f"snapshots up to step {self._written} are in {self.log_dir!r}"
+        )
+        reason = str(err) if isinstance(err, KernelWatchError) else f"{type(err).__name__}: {err}"
+        message = (
+            f"kernelwatch's background worker failed{at} ({reason}); {kept}, "
+            "and this watch writes nothing more"
+        )
+        if self.strict:
+            error = KernelWatchError(message)
+            error.__cause__ = err
+            with self._lock:
+                self._error = error
+            return
+        # A full disk or a lost mount needs no traceback; anything else is a bug to report.
+        logger.error(
+            "%s. The training goes on (strict=True would raise this at the next call).",
+            message,
+            exc_info=None if _caused_by_os_error(err) else err,
+        )
 
     def _process(self, snapshot: _Snapshot) -> None:
         for event in snapshot.copied:
             event.synchronize()
+        self._separate_sizes(snapshot)
         step, writer = snapshot.step, self._writer
         if snapshot.session_start is not None:
             writer.start_session(snapshot.session_start)
@@ -472,6 +578,32 @@ class KernelWatch:
         with self._lock:
             self._pending.extend(anomalies)
 
+    def _separate_sizes(self, snapshot: _Snapshot) -> None:
+        """Give a conv whose kernel size changed a series of its own, ``<layer>@<h>x<w>``, so
+        that no timeline mixes sizes; the layer's first size keeps the bare name."""
+        renamed = {}
+        for name, weight in snapshot.weights.items():
+            size = (int(weight.shape[-2]), int(weight.shape[-1]))
+            first = self._kernel_sizes.setdefault(name, size)
+            if size == first:
+                continue
+            renamed[name] = f"{name}@{size[0]}x{size[1]}"
+            if name not in self._resized:
+                self._resized.add(name)
+                logger.warning(
+                    "kernelwatch: the kernels of layer %r changed from %dx%d to %dx%d at step %d; each size "
+                    "other than the first is written as a layer of its own (%r), so no timeline mixes sizes",
+                    name or "<root>",
+                    *first,
+                    *size,
+                    snapshot.step,
+                    renamed[name],
+                )
+        if renamed:
+            snapshot.weights = {renamed.get(n, n): w for n, w in snapshot.weights.items()}
+            snapshot.depthwise = [renamed.get(n, n) for n in snapshot.depthwise]
+            snapshot.dilation = {renamed.get(n, n): d for n, d in snapshot.dilation.items()}
+
     def _spectrum(self, kernel_size: int) -> Spectrum | None:
         if kernel_size not in SUPPORTED_KERNEL_SIZES:
             return None
@@ -507,13 +639,28 @@ def _schedule(
             wanted = frozenset(_check_step(step) for step in schedule)
         except TypeError as err:
             raise KernelWatchError(f"schedule must be 'log' or a list of integer steps, got {schedule!r}") from err
+        except KernelWatchError as err:
+            raise KernelWatchError(f"schedule={schedule!r}: {err}") from err
     return wanted.__contains__
 
 
 def _check_step(step: Any) -> int:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise KernelWatchError(f"step must be an integer, got {step!r}")
-    return int(step)
+    step = int(step)
+    if not 0 <= step <= MAX_STEP:
+        raise KernelWatchError(f"step must be >= 0 and < 2**63 (TensorBoard's steps are int64), got {step}")
+    return step
+
+
+def _caused_by_os_error(err: BaseException | None) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _watched(module: nn.Module) -> bool:
@@ -557,4 +704,152 @@ def _off_device(weight: torch.Tensor) -> torch.Tensor:
     return weight.to("cpu", copy=True)
 
 
-__all__ = ["STATE_VERSION", "KernelWatch", "log_schedule"]
+class _DirLock:
+    """:data:`LOCK_FILE` in a log directory, naming the process whose watch writes there.
+
+    Created atomically (``O_EXCL``), removed at close. A lock left by a process of this host
+    that no longer runs (a crashed or killed run) is taken over. One held by a live process,
+    or by another host (whose processes cannot be checked), is reported: a warning naming
+    both processes, or with ``strict`` a :class:`KernelWatchError`; the watch then writes
+    without the lock.
+    """
+
+    _held: set[str] = set()  # lock files held by this process's watches (real paths)
+    _held_guard = threading.Lock()
+
+    def __init__(self, path: str, token: str):
+        self.path, self.token = path, token
+
+    @classmethod
+    def acquire(cls, log_dir: str, strict: bool) -> _DirLock | None:
+        """The lock, or None (after a warning) if another watch holds it. An ``OSError`` if it
+        cannot be created: the directory cannot be written."""
+        path = os.path.join(log_dir, LOCK_FILE)
+        me = _this_process()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        for attempt in range(2):
+            try:
+                fd = os.open(path, flags, 0o666)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if attempt == 0 and cls._stale(path, holder):
+                    logger.info(
+                        "kernelwatch: took over the lock in %r of %s, which no longer runs", log_dir, _who(holder)
+                    )
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                cls._report(log_dir, path, holder, me, strict)
+                return None
+            try:
+                data = json.dumps(me).encode()
+                while data:
+                    data = data[os.write(fd, data) :]
+            except OSError:
+                os.close(fd)
+                os.unlink(path)
+                raise
+            os.close(fd)
+            with cls._held_guard:
+                cls._held.add(os.path.realpath(path))
+            return cls(path, me["token"])
+        return None  # unreachable: the second attempt reports
+
+    def release(self) -> None:
+        """Remove the lock file, if it is still this watch's."""
+        with self._held_guard:
+            self._held.discard(os.path.realpath(self.path))
+        holder = _read_lock(self.path)
+        if holder is not None and holder.get("token") == self.token:
+            try:
+                os.unlink(self.path)
+            except OSError as err:
+                logger.debug("kernelwatch: could not remove %r: %s", self.path, err)
+
+    @classmethod
+    def _stale(cls, path: str, holder: dict[str, Any] | None) -> bool:
+        """Whether ``holder``'s process is known to have ended (this host only)."""
+        if holder is None or holder.get("host") != socket.gethostname():
+            return False
+        pid = holder.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return False
+        if pid == os.getpid():  # this process: stale unless one of its watches holds it
+            with cls._held_guard:
+                return os.path.realpath(path) not in cls._held
+        if os.name == "nt":
+            return False  # os.kill(pid, 0) would terminate it there
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass  # alive, another user's
+        started = holder.get("started")
+        return started is not None and _process_start(pid) not in (None, started)  # the pid was reused
+
+    @staticmethod
+    def _report(log_dir: str, path: str, holder: dict[str, Any] | None, me: dict[str, Any], strict: bool) -> None:
+        same_process = holder is not None and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]
+        other = "another KernelWatch of this process" if same_process else f"the KernelWatch of {_who(holder)}"
+        effect = (
+            "would mix a second timeline into it" if strict else "writes there too, so TensorBoard shows both timelines"
+        )
+        advice = (
+            "close the other watch first"
+            if same_process
+            else f"if that run has ended (e.g. it was killed on another machine), delete {path!r}"
+        )
+        message = (
+            f"{other} already writes to {log_dir!r}; this one ({_who(me)}) {effect}, duplicate steps "
+            f"included. Give each run its own log_dir, or {advice}."
+        )
+        if strict:
+            raise KernelWatchError(message)
+        logger.warning("kernelwatch: %s", message)
+
+
+def _this_process() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": _process_start(os.getpid()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv)[:200],
+        "token": uuid.uuid4().hex,
+    }
+
+
+def _who(holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return "an unknown process (its lock file is unreadable)"
+    who = f"pid {holder.get('pid')} on host {holder.get('host')}"
+    if holder.get("since"):
+        who += f", since {holder['since']}"
+    if holder.get("command"):
+        who += f": {holder['command']}"
+    return who
+
+
+def _read_lock(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _process_start(pid: int) -> int | None:
+    """When ``pid`` started (Linux: clock ticks since boot), to tell a reused pid; else None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+__all__ = ["LOCK_FILE", "STATE_VERSION", "KernelWatch", "log_schedule"]

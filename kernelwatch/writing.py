@@ -1,9 +1,12 @@
-"""Write kernelwatch records to TensorBoard event files (tensorboard's own writer, no TensorFlow).
+"""Write kernelwatch records to TensorBoard event files (tensorboard's record framing, no TensorFlow).
 
 Each call writes one event holding all its records, so a snapshot of a layer is in a file
-entirely or (after a crash mid-write) not at all. :meth:`EventWriter.flush` returns once
-everything written so far is in the file: a process killed afterwards leaves those records
-readable, and TensorBoard's loaders skip a torn last record.
+entirely or (after a crash mid-write) not at all. Events are written synchronously by the
+calling thread (no writer thread of TensorBoard's): a failed write (a full disk) raises
+:class:`KernelWatchError` at that call, and the file is cut back to its last whole event, so
+everything written before stays readable. Every write is in the file once the call returns: a
+process killed afterwards leaves those records readable, and TensorBoard's loaders skip a torn
+last record.
 
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as log_dir, EventWriter(log_dir) as writer:
@@ -13,6 +16,11 @@ readable, and TensorBoard's loaders skip a torn last record.
 
 from __future__ import annotations
 
+import errno
+import itertools
+import os
+import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.scalar import metadata as scalar_metadata
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
 from kernelwatch import format as fmt
@@ -41,21 +49,37 @@ _SCALAR_FIELDS = ("clustered_fraction", "median_dissimilarity", "null_clustered_
 
 
 class EventWriter:
-    """Writes kernelwatch records (and stock scalars) for one run into ``log_dir``.
+    """Writes kernelwatch records (and stock scalars) for one run into ``log_dir``, in a new
+    event file ``events.out.tfevents.<time>.<host>.<pid>.<n>.kernelwatch``.
 
-    ``flush_secs`` bounds how long written records may wait in memory before reaching the
-    file without an explicit :meth:`flush`.
+    Raises :class:`KernelWatchError` naming the directory if it cannot be created or written
+    (the file's first event is written here). ``flush_secs`` is accepted for compatibility:
+    records are never held back in memory, each write reaches the file before it returns.
     """
 
     def __init__(self, log_dir: str | Path, flush_secs: float = 120.0):
         self.log_dir = str(log_dir)
+        self._closed = True  # until the file is open
         try:
-            self._writer = EventFileWriter(self.log_dir, flush_secs=flush_secs, filename_suffix=".kernelwatch")
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._file = _EventFile(self.log_dir)
         except OSError as err:
             raise KernelWatchError(f"cannot write TensorBoard events to {self.log_dir!r}: {err}") from err
+        self._writer = RecordWriter(self._file)
+        self._closed = False
+        version = event_pb2.Event(
+            wall_time=time.time(),
+            file_version="brain.Event:2",
+            source_metadata=event_pb2.SourceMetadata(writer="kernelwatch"),
+        )
+        try:
+            self._add(version)
+        except KernelWatchError:
+            self._file.discard()
+            self._closed = True
+            raise
         self._described: set[str] = set()
         self._spectra: set[int] = set()
-        self._closed = False
 
     # -- records -------------------------------------------------------------------------------
 
@@ -157,15 +181,18 @@ class EventWriter:
         self._add(event_pb2.Event(wall_time=time.time(), step=int(step), session_log=start))
 
     def flush(self) -> None:
-        """Block until everything written so far is in the event file (a no-op once closed)."""
-        if not self._closed:
-            self._writer.flush()
+        """Everything written so far is in the event file already: each write reaches it before
+        returning. Kept for callers that flush; never raises."""
 
     def close(self) -> None:
-        """Flush and close the file; later calls do nothing."""
+        """Close the file; later calls do nothing. :class:`KernelWatchError` if closing fails
+        (the file is closed all the same)."""
         if not self._closed:
             self._closed = True
-            self._writer.close()
+            try:
+                self._file.close()
+            except OSError as err:
+                raise KernelWatchError(f"cannot close the event file in {self.log_dir!r}: {err}") from err
 
     def __enter__(self) -> EventWriter:
         return self
@@ -210,6 +237,8 @@ class EventWriter:
     def _write(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
             raise KernelWatchError(f"step must be an integer, got {step!r}")
+        if not -(2**63) <= int(step) < 2**63:
+            raise KernelWatchError(f"step {step} does not fit TensorBoard's int64 steps")
         self._add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
         self._described.update(value.tag for value in values)
 
@@ -217,9 +246,80 @@ class EventWriter:
         if self._closed:
             raise KernelWatchError(f"this EventWriter for {self.log_dir!r} is closed")
         try:
-            self._writer.add_event(event)
+            self._writer.write(event.SerializeToString())
         except OSError as err:
             raise KernelWatchError(f"cannot write TensorBoard events to {self.log_dir!r}: {err}") from err
+
+
+try:  # TensorBoard's own file counter: no name shared with its writers' files in this process
+    from tensorboard.summary.writer.event_file_writer import _global_uid
+
+    _next_file_number = _global_uid.get
+except ImportError:  # pragma: no cover - a TensorBoard without it
+    _file_numbers = itertools.count()
+    _file_numbers_lock = threading.Lock()
+
+    def _next_file_number() -> int:
+        with _file_numbers_lock:
+            return next(_file_numbers)
+
+
+class _EventFile:
+    """A new event file written with plain ``os.write`` calls, for :class:`RecordWriter`.
+
+    One ``write`` per event. A write that fails (``ENOSPC``, ``EFBIG``, ``EIO``) first cuts the
+    file back to the end of the last whole event, then raises: a full disk leaves no torn
+    record behind, and the events before it stay readable.
+    """
+
+    def __init__(self, log_dir: str):
+        n = _next_file_number()
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{n}.kernelwatch"
+        self.path = os.path.join(log_dir, name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+        self._fd: int | None = os.open(self.path, flags, 0o666)
+        self._size = 0  # bytes of whole events in the file
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise OSError("the event file is closed")
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[written:]
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._size)
+                os.lseek(self._fd, self._size, os.SEEK_SET)
+            except OSError:
+                pass  # TensorBoard's loaders skip a torn last record anyway
+            raise
+        self._size += len(data)
+
+    def flush(self) -> None:
+        pass  # os.write leaves nothing in this process
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+
+    def discard(self) -> None:
+        """Close and remove the file (its first event could not be written)."""
+        try:
+            self.close()
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 def _activation(report: LayerReport) -> np.ndarray:

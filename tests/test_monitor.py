@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -396,10 +397,10 @@ def test_anomalies_are_logged_hooked_written_and_raised_on_the_training_thread(t
     assert written[0] == [] and [(a["step"], a["layer"], a["kind"]) for a in written[1]] == flagged
 
 
-def test_a_worker_failure_is_raised_on_the_training_thread(tmp_path):
+def test_with_strict_a_worker_failure_is_raised_on_the_training_thread(tmp_path):
     model = dog_model()
     # A bad threshold only fails when the worker applies it.
-    watch = KernelWatch(tmp_path, anomaly_config=AnomalyConfig(null_levels={5: "high"}))
+    watch = KernelWatch(tmp_path, anomaly_config=AnomalyConfig(null_levels={5: "high"}), strict=True)
     watch.snapshot(model, 0)
     with pytest.raises(KernelWatchError, match="background worker failed") as raised:
         watch.flush()
@@ -407,6 +408,20 @@ def test_a_worker_failure_is_raised_on_the_training_thread(tmp_path):
     assert not watch.snapshot(model, 1)  # disabled: nothing taken, no second error
     watch.close()
     assert fmt.make_tag(fmt.ANOMALIES) not in read(tmp_path)
+
+
+def test_a_worker_failure_is_logged_once_and_the_watch_stops(tmp_path, caplog):
+    model = dog_model()
+    watch = KernelWatch(tmp_path, anomaly_config=AnomalyConfig(null_levels={5: "high"}))
+    with caplog.at_level(logging.WARNING, logger="kernelwatch"):
+        watch.snapshot(model, 0)
+        watch.flush()  # nothing raised on the training thread
+        assert not watch.snapshot(model, 1)
+        watch.close()
+    (error,) = caplog.records
+    assert error.levelno == logging.ERROR and "failed at step 0 (ValueError: " in error.getMessage()
+    assert f"no snapshot of this run was completed in {str(tmp_path)!r}" in error.getMessage()
+    assert isinstance(error.exc_info[1], ValueError)  # not an OSError: a bug, logged with its traceback
 
 
 def test_no_depthwise_layers_fail_at_the_first_snapshot(tmp_path):
@@ -475,3 +490,278 @@ def test_public_api_and_state_dict(tmp_path):
         with KernelWatch(tmp_path / "other") as other:
             other.load_state_dict({"version": 1})
     assert set(extract_depthwise(model)) == set(DW)
+
+
+# -- monitoring never kills a training ------------------------------------------------------------
+
+FULL_DISK_CHILD = NET + """
+import logging, resource, signal, sys
+from kernelwatch import KernelWatch
+from kernelwatch.errors import KernelWatchError
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+# A real file-size limit: past it write() fails with EFBIG, as it fails with ENOSPC on a full disk.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+for log_dir, strict in zip(sys.argv[2:], (False, True)):
+    model = net()
+    watch = KernelWatch(log_dir, every=1, strict=strict)
+    for epoch in range(5):
+        if epoch:
+            train_epoch(model, epoch)
+        for call in (lambda: print("epoch", epoch, watch.on_epoch_end(model, epoch), flush=True), watch.flush):
+            try:
+                call()
+            except KernelWatchError as err:  # strict: raised at the call after the failure
+                print("raised", epoch, err, flush=True)
+    watch.close()
+    print("trained", all(bool(p.isfinite().all()) for p in model.parameters()), flush=True)
+"""
+
+
+def test_a_full_disk_stops_the_watch_not_the_training(tmp_path):
+    """A full disk on the worker: one ERROR logged, the training goes on, the watch stops, and
+    every snapshot written before stays readable. With strict=True: raised once, at the next call."""
+    log_dirs = [tmp_path / "default", tmp_path / "strict"]
+    limit = "60000"  # bytes: 2 to 3 snapshots
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, limit, *map(str, log_dirs)], capture_output=True,
+                          text=True, env=ENV, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr
+    runs = done.stdout.split("trained ")
+    assert runs[1].startswith("True") and runs[2].startswith("True")  # every epoch of both trained
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+    for log_dir, output in zip(log_dirs, (runs[0], runs[1].partition("\n")[2])):
+        lines = output.splitlines()
+        taken = [int(line.split()[1]) for line in lines if line.startswith("epoch") and line.endswith(" True")]
+        records = read(log_dir)
+        # Every snapshot completed before the file filled is readable, each whole.
+        kept = steps(records, fmt.make_tag(fmt.ANOMALIES))
+        assert len(kept) >= 2 and kept == list(range(len(kept)))
+        for tag in layer_tags():
+            assert steps(records, tag)[: len(kept)] == kept, tag
+        failed_at = len(kept)  # the snapshot the file filled in
+        assert taken == list(range(failed_at + 1)) and failed_at < 4  # later calls take nothing
+        message = f"background worker failed at step {failed_at} (cannot write TensorBoard events to "
+        message += f"{str(log_dir)!r}: [Errno 27] File too large); snapshots up to step {failed_at - 1} are in "
+        message += f"{str(log_dir)!r}, and this watch writes nothing more"
+        raised = [line for line in lines if line.startswith("raised")]
+        if log_dir.name == "strict":  # raised once, at the next call; nothing logged
+            assert len(raised) == 1 and raised[0].startswith(f"raised {failed_at} ") and message in raised[0]
+        else:  # logged once; nothing raised
+            assert raised == [] and len(errors) == 1 and message in errors[0] and "training goes on" in errors[0]
+        assert not (log_dir / "kernelwatch.lock").exists()  # released at close
+
+
+def test_steps_must_be_non_negative_int64(tmp_path):
+    model = net()
+    with pytest.raises(KernelWatchError, match="schedule"):
+        KernelWatch(tmp_path / "other", schedule=[0, -5])
+    with KernelWatch(tmp_path, every=1) as watch:
+        for bad in (2**63, -1, 2**64 + 3):
+            with pytest.raises(KernelWatchError, match=r">= 0 and < 2\*\*63"):
+                watch.snapshot(model, bad)  # raised at the call, not by the worker
+        assert watch.snapshot(model, 0)
+        assert watch.snapshot(model, np.int64(2**63 - 1))  # the largest step TensorBoard stores
+        with pytest.raises(KernelWatchError, match=r"< 2\*\*63"):
+            watch.on_train_end(model, 2**63)
+    assert steps(read(tmp_path), fmt.make_tag(fmt.ANOMALIES)) == [0, 2**63 - 1]
+
+
+def test_a_restarting_step_counter_is_warned_once(tmp_path, caplog):
+    model = net()
+    watch = KernelWatch(tmp_path, every=1)
+    with caplog.at_level(logging.DEBUG, logger="kernelwatch"):
+        taken = [watch.snapshot(model, batch) for epoch in range(3) for batch in range(3)]
+    assert taken == [True, True, True] + [False] * 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "step 0 is not after the previous call's step 2" in warnings[0] and "global step" in warnings[0]
+    state = watch.state_dict()
+    watch.close()
+    # A resumed run replaying the steps up to its checkpoint is not warned.
+    caplog.clear()
+    resumed = KernelWatch(tmp_path, every=1)
+    resumed.load_state_dict(state)
+    with caplog.at_level(logging.WARNING, logger="kernelwatch"):
+        assert [resumed.snapshot(model, step) for step in (1, 2, 3)] == [False, False, True]
+        assert caplog.records == []
+        assert not resumed.snapshot(model, 0)
+    resumed.close()
+    assert len(caplog.records) == 1 and "global step" in caplog.records[0].getMessage()
+
+
+HOLDER_CHILD = NET + """
+import sys, time
+from kernelwatch import KernelWatch
+watch = KernelWatch(sys.argv[1], every=1)
+watch.snapshot(net(), 0)
+watch.flush()
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_two_watches_on_one_log_dir_are_reported(tmp_path, caplog):
+    lock = tmp_path / "kernelwatch.lock"
+    # Another live process: a warning naming both processes; strict: an error.
+    child = subprocess.Popen([sys.executable, "-c", HOLDER_CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+                             text=True, env=ENV)  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == "holding"
+        with caplog.at_level(logging.INFO, logger="kernelwatch"):
+            second = KernelWatch(tmp_path, every=1)
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert f"pid {child.pid} on host" in warning and f"this one (pid {os.getpid()} on host" in warning
+        assert "duplicate steps" in warning and str(lock) in warning
+        second.close()
+        assert lock.exists()  # the other process's, left alone
+        with pytest.raises(KernelWatchError, match=f"pid {child.pid} on host"):
+            KernelWatch(tmp_path, every=1, strict=True)
+        # Killed without closing (SIGTERM: its handler flushes, then the process dies).
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        child.kill()
+    assert lock.exists()
+    # A restarted run takes the stale lock over, without a warning.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kernelwatch"):
+        first = KernelWatch(tmp_path, every=1)
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert f"took over the lock in {str(tmp_path)!r} of pid {child.pid}" in caplog.records[0].getMessage()
+    assert f'"pid": {os.getpid()}' in lock.read_text()
+    # A second watch in this process.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kernelwatch"):
+        other = KernelWatch(tmp_path, every=1)
+    assert "another KernelWatch of this process already writes to" in caplog.records[0].getMessage()
+    with pytest.raises(KernelWatchError, match="close the other watch first"):
+        KernelWatch(tmp_path, every=1, strict=True)
+    other.close()
+    first.close()
+    assert not lock.exists()
+    # A lock of another host cannot be checked: reported, and left for the user to delete.
+    lock.write_text('{"pid": 1, "host": "elsewhere.example", "since": "2024-01-01 00:00:00", "command": "train.py"}')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kernelwatch"):
+        KernelWatch(tmp_path).close()
+    assert "pid 1 on host elsewhere.example, since 2024-01-01 00:00:00: train.py" in caplog.records[0].getMessage()
+    assert lock.exists()
+
+
+def test_a_kernel_size_change_gets_its_own_series(tmp_path, caplog):
+    model = net()
+    wider = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+    with caplog.at_level(logging.WARNING, logger="kernelwatch"):
+        watch = KernelWatch(tmp_path, every=1)
+        watch.snapshot(model, 0)
+        watch.snapshot(model, 1)
+        five, model[1] = model[1], wider
+        watch.snapshot(model, 2)
+        watch.snapshot(model, 3)
+        model[1] = five
+        watch.snapshot(model, 4)
+        state = watch.state_dict()
+        watch.close()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "layer '1' changed from 5x5 to 7x7 at step 2" in warning and "'1@7x7'" in warning
+    assert state["kernel_sizes"] == {"1": [5, 5]}
+    # Resumed: the 7x7 kernels continue their own series.
+    resumed = KernelWatch(tmp_path, every=1)
+    resumed.load_state_dict(state)
+    model[1] = wider
+    resumed.snapshot(model, 5)
+    resumed.close()
+    records = read(tmp_path)
+    for kind in (fmt.PROPORTIONS, fmt.CLUSTERED_FRACTION, fmt.SPRITE, fmt.QUALITY):
+        assert steps(records, fmt.make_tag(kind, "1")) == [0, 1, 4], kind
+        assert steps(records, fmt.make_tag(kind, "1@7x7")) == [2, 3, 5], kind
+    assert records[fmt.make_tag(fmt.CLUSTERED_FRACTION, "1")][0][1][3] == 5  # kernel size
+    assert records[fmt.make_tag(fmt.CLUSTERED_FRACTION, "1@7x7")][0][1][3] == 7
+    # Each size's update lens starts at its own first snapshot.
+    assert steps(records, fmt.make_tag(fmt.CLUSTERED_FRACTION, "1@7x7", lens=fmt.UPDATE)) == [3, 5]
+    assert steps(records, fmt.make_tag(fmt.SPECTRUM, 7)) == [2, 5]  # and again by the resumed run
+
+
+UNWRITABLE_CHILD = """
+import resource, signal, sys
+from kernelwatch import KernelWatch
+from kernelwatch.errors import KernelWatchError
+for log_dir in sys.argv[1:]:
+    if log_dir.endswith("full"):  # nothing can be written: as a full disk at the start
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+    try:
+        KernelWatch(log_dir)
+    except KernelWatchError as err:
+        print(err, flush=True)
+"""
+
+
+def test_an_unwritable_log_dir_is_one_clear_error_without_a_traceback(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "read_only").mkdir(mode=0o500)
+    log_dirs = [tmp_path / "a_file" / "logs", tmp_path / "full"]  # "full" last: it limits the process
+    if os.geteuid() != 0:  # root writes anywhere
+        log_dirs.insert(0, tmp_path / "read_only")
+    done = subprocess.run([sys.executable, "-c", UNWRITABLE_CHILD, *map(str, log_dirs)], capture_output=True,
+                          text=True, env=ENV, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # no thread's traceback
+    errors = done.stdout.splitlines()
+    assert len(errors) == len(log_dirs)
+    for log_dir, error in zip(log_dirs, errors):
+        assert error.startswith(f"cannot write TensorBoard events to {str(log_dir)!r}: "), error
+        assert not log_dir.is_dir() or list(log_dir.iterdir()) == []  # no lock, no empty event file
+    assert errors[-1].endswith("File too large")
+
+
+FSDP_FULL_DISK_CHILD = NET + """
+import logging, os, resource, signal, sys
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from kernelwatch import KernelWatch
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = net()
+fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+watch = KernelWatch(sys.argv[1], every=1, handle_sigterm=False)
+if rank == 0:  # only the writer's disk fills
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60000, resource.RLIM_INFINITY))
+for epoch in range(5):
+    if epoch:
+        train_epoch(model, epoch)
+    watch.on_epoch_end(model, epoch)
+    watch.flush()
+watch.close()
+print("rank", rank, "trained", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_under_fsdp_a_stopped_watch_still_gathers_with_the_other_ranks(tmp_path):
+    """After the writer's failure the main rank still takes part in the gathers the other ranks
+    enter at each snapshot, so no collective is left unmatched."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", FSDP_FULL_DISK_CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(rank)})  # fmt: skip
+        for rank in range(2)
+    ]
+    try:
+        outputs = [rank.communicate(timeout=150) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    for rank, (process, (out, err)) in enumerate(zip(ranks, outputs)):
+        assert process.returncode == 0 and f"rank {rank} trained" in out, err[-3000:]
+    (error,) = [line for line in outputs[0][1].splitlines() if line.startswith("ERROR")]
+    assert "snapshots up to step 1 are in" in error
+    assert steps(read(tmp_path), fmt.make_tag(fmt.ANOMALIES)) == [0, 1]
