@@ -17,6 +17,8 @@ import pytest
 from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
+from kernelwatch.update_lens import REFERENCE_FILE
+
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "monitor_run.py"
 ROOT = SCRIPT.parents[2]
 # One thread per process: two ranks share this runner's cores.
@@ -63,8 +65,9 @@ def test_two_ranks_one_writer_same_results(tmp_path, single, mode):
     output = run([*launch, str(SCRIPT), str(tmp_path), mode])
     # Both ranks kept the same timeline (under FSDP both gathered at every snapshot).
     assert f"rank 0 steps {STEPS}" in output and f"rank 1 steps {STEPS}" in output
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) == 1 and files[0].name.startswith("events.out.tfevents.")
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    # One event file and the update lens's reference, both from the main process.
+    assert len(files) == 2 and files[0].startswith("events.out.tfevents.") and files[1] == REFERENCE_FILE
     records = read(tmp_path)
     assert records.keys() == single.keys() and len(records) > 30
     for tag, series in single.items():

@@ -9,6 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kernelwatch import format as fmt
+from kernelwatch.update_lens import REFERENCE_FILE
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -49,5 +50,7 @@ def test_accelerate_example_two_processes(tmp_path):
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}  # gloo processes instead of GPUs
     run_example([*launch, str(EXAMPLES / "train_accelerate.py"), "--quick", "--log-dir", str(log_dir)], tmp_path, env)
-    assert len(list(log_dir.iterdir())) == 1  # one event file, from the main process
+    # One event file and the update lens's reference, both from the main process.
+    files = sorted(p.name for p in log_dir.iterdir())
+    assert len(files) == 2 and files[0].startswith("events.out.tfevents.") and files[1] == REFERENCE_FILE
     assert snapshot_steps(log_dir, "stages.0.conv_dw") == [0, 1, 2]
