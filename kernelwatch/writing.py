@@ -53,11 +53,11 @@ class EventWriter:
     event file ``events.out.tfevents.<time>.<host>.<pid>.<n>.kernelwatch``.
 
     Raises :class:`KernelWatchError` naming the directory if it cannot be created or written
-    (the file's first event is written here). ``flush_secs`` is accepted for compatibility:
-    records are never held back in memory, each write reaches the file before it returns.
+    (the file's first event is written here). Records are never held back in memory: each
+    write reaches the file before it returns.
     """
 
-    def __init__(self, log_dir: str | Path, flush_secs: float = 120.0):
+    def __init__(self, log_dir: str | Path):
         self.log_dir = str(log_dir)
         self._closed = True  # until the file is open
         try:
