@@ -13,6 +13,7 @@ readable, and TensorBoard's loaders skip a torn last record.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,11 +45,14 @@ class EventWriter:
     """Writes kernelwatch records (and stock scalars) for one run into ``log_dir``.
 
     ``flush_secs`` bounds how long written records may wait in memory before reaching the
-    file without an explicit :meth:`flush`.
+    file without an explicit :meth:`flush`. A ``log_dir`` whose path holds a character that
+    TensorBoard's data server cannot read back in a run name (``"``, ``\\``, a control
+    character) is refused: the dashboard could show none of its sprites, spectra or anomalies.
     """
 
     def __init__(self, log_dir: str | Path, flush_secs: float = 120.0):
         self.log_dir = str(log_dir)
+        _check_log_dir(self.log_dir)
         try:
             self._writer = EventFileWriter(self.log_dir, flush_secs=flush_secs, filename_suffix=".kernelwatch")
         except OSError as err:
@@ -220,6 +224,26 @@ class EventWriter:
             self._writer.add_event(event)
         except OSError as err:
             raise KernelWatchError(f"cannot write TensorBoard events to {self.log_dir!r}: {err}") from err
+
+
+def _check_log_dir(log_dir: str) -> None:
+    """Refuse a directory that TensorBoard's default loader could list but not serve blobs of:
+    its run names are paths under ``--logdir``, and any directory of the path may become part of
+    one, so every directory of the absolute path is checked.
+
+    >>> _check_log_dir('runs/lr "0.1"')
+    Traceback (most recent call last):
+    ...
+    kernelwatch.errors.KernelWatchError: cannot log to 'runs/lr "0.1"': the directory name 'lr "0.1"' holds '"', which TensorBoard's data server cannot read back in a run name, so the KernelWatch tab would show no sprites, spectra or anomalies of this run. Rename that directory without quotes, backslashes or control characters.
+    """
+    for part in Path(os.path.abspath(log_dir)).parts:
+        char = fmt.unkeyable(part)
+        if char is not None:
+            raise KernelWatchError(
+                f"cannot log to {log_dir!r}: the directory name {part!r} holds {char!r}, which TensorBoard's data "
+                "server cannot read back in a run name, so the KernelWatch tab would show no sprites, spectra or "
+                "anomalies of this run. Rename that directory without quotes, backslashes or control characters."
+            )
 
 
 def _activation(report: LayerReport) -> np.ndarray:
