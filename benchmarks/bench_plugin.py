@@ -1,10 +1,12 @@
 """Response times and payload sizes of the KernelWatch plugin's routes, against a real
-``tensorboard`` process (default fast loader) on a log of 200 snapshots x 60 layers.
+``tensorboard`` process (default fast loader) on a log of 200 snapshots x 60 layers; then
+``--clients`` dashboards asking at once (p50/p95/max latency and errors).
 
-    .venv/bin/python benchmarks/bench_plugin.py [--log-dir DIR] [--repeat 5]
+    .venv/bin/python benchmarks/bench_plugin.py [--log-dir DIR] [--repeat 3] [--clients 10] [--rounds 10]
 
 The log is written once into ``--log-dir`` (default: a temporary folder kept between runs)
 with kernelwatch's own EventWriter; generating it takes a few minutes on one core.
+``--repeat 0`` skips the per-route table, ``--clients 0`` the concurrent clients.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -117,10 +124,61 @@ def wait_ready(base: str, deadline: float) -> None:
     raise TimeoutError("TensorBoard did not load the log in time")
 
 
+def dashboard_routes(client: int, round_: int) -> list[str]:
+    """What the tab asks for when it opens a run at a layer: each client and round picks its own
+    layer and sprite step, so that answers are not all the same."""
+    i = (client * 7 + round_ * 13) % LAYERS
+    layer = urllib.parse.quote(f"stages.{i // 10}.blocks.{i % 10}.conv_dw")
+    step = ((client + round_) % SNAPSHOTS) * 100
+    return [
+        "runs", f"layers?run={RUN}", f"heatmap?run={RUN}", f"anomalies?run={RUN}",
+        f"timeline?run={RUN}&layer={layer}", f"sprite?run={RUN}&layer={layer}&step={step}",
+        f"sprite.png?run={RUN}&layer={layer}&step={step}", f"spectrum?run={RUN}",
+        f"spectrum.png?run={RUN}&kernel_size=5",
+    ]  # fmt: skip
+
+
+def concurrent_clients(base: str, clients: int, rounds: int) -> None:
+    """``clients`` dashboards at once, each asking its routes one after another, ``rounds``
+    times; prints latency percentiles per route and overall, errors and throughput."""
+    times: dict[str, list[float]] = {}
+    errors: list[str] = []
+    lock, start_line = threading.Lock(), threading.Barrier(clients)
+
+    def client(c: int) -> None:
+        start_line.wait()
+        for r in range(rounds):
+            for route in dashboard_routes(c, r):
+                try:
+                    elapsed, _, _ = get(f"{base}/{route}")
+                except (OSError, urllib.error.HTTPError) as err:
+                    with lock:
+                        errors.append(f"{route}: {err}")
+                    continue
+                with lock:
+                    times.setdefault(route.split("?")[0], []).append(elapsed * 1000)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - started
+    every = [t for ts in times.values() for t in ts]
+    print(f"\n{clients} concurrent clients x {rounds} rounds x {len(dashboard_routes(0, 0))} routes "
+          f"({len(every)} answers, {len(errors)} errors) in {wall:.1f} s: {len(every) / wall:.0f} answers/s")
+    print(f"{'route':<14} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")
+    for route, ts in [*times.items(), ("all", every)]:
+        p50, p95 = np.percentile(ts, [50, 95])
+        print(f"{route:<14} {p50:8.1f} {p95:8.1f} {max(ts):8.1f}")
+    for error in errors[:10]:
+        print("error:", error)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "kernelwatch-bench-plugin")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     write_log(args.log_dir)
     port = free_port()
@@ -133,12 +191,6 @@ def main() -> None:
         wait_ready(base, started + 300)
         print(f"TensorBoard loaded {SNAPSHOTS} snapshots x {LAYERS} layers (+{SMALL_RUNS} small runs) "
               f"in {time.time() - started:.1f} s")
-        # The first anomalies request reads every anomaly blob; later ones find them in the
-        # plugin's cache.
-        elapsed, body, _ = get(f"{base}/anomalies?run={RUN}")
-        print(f"first anomalies request (blobs not cached yet): {elapsed * 1000:.1f} ms")
-        _, body, _ = get(f"{base}/anomalies?run={RUN}")
-        assert len(json.loads(body)["checked_steps"]) == SNAPSHOTS
         layer = urllib.parse.quote("stages.3.blocks.4.conv_dw")
         routes = [
             "runs", f"layers?run={RUN}", f"timeline?run={RUN}&layer={layer}", f"heatmap?run={RUN}",
@@ -146,17 +198,24 @@ def main() -> None:
             f"sprite.png?run={RUN}&layer={layer}&step=10000", f"spectrum?run={RUN}",
             f"spectrum.png?run={RUN}&kernel_size=5", "static/echarts.esm.min.js", "index.js",
         ]  # fmt: skip
-        print(f"{'route':<62} {'cold ms':>8} {'warm ms':>8} {'bytes':>9} {'gzipped':>8}")
-        for route in routes:
+        if args.repeat:
+            print(f"{'route':<62} {'first ms':>8} {'cold ms':>8} {'warm ms':>8} {'bytes':>9} {'gzipped':>8}")
+        for route in routes if args.repeat else []:
+            # First: nothing of it read yet (only what earlier routes read is kept). Cold: the
+            # plugin lists the runs afresh (as every INDEX_TTL seconds) but keeps what it read of
+            # series that did not change; warm: it reuses the listing, as when the dashboard
+            # sends its requests together.
+            first = get(f"{base}/{route}")[0] * 1000
             cold, warm, body, wire = [], [], b"", 0
             for _ in range(args.repeat):
-                # Cold: the plugin lists the runs afresh (as every INDEX_TTL seconds); warm: it
-                # reuses the listing, as when the dashboard sends its requests together.
                 time.sleep(INDEX_TTL)
                 for times in (cold, warm):
                     elapsed, body, wire = get(f"{base}/{route}")
                     times.append(elapsed * 1000)
-            print(f"{route:<62} {statistics.median(cold):8.1f} {statistics.median(warm):8.1f} {len(body):9d} {wire:8d}")
+            print(f"{route:<62} {first:8.1f} {statistics.median(cold):8.1f} {statistics.median(warm):8.1f} "
+                  f"{len(body):9d} {wire:8d}")
+        if args.clients:
+            concurrent_clients(base, args.clients, args.rounds)
     finally:
         server.terminate()
         server.wait(timeout=20)

@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import numpy as np
 from tensorboard.compat.proto import summary_pb2
 
 from kernelwatch._config import CLUSTERS
 from kernelwatch.errors import KernelWatchError
+from kernelwatch.sprites import PNG_SIGNATURE
 
 PLUGIN_NAME = "kernelwatch"
 #: Bump on any change an older reader would misread; adding optional JSON keys is no such change.
@@ -70,7 +73,7 @@ QUALITY_METRICS = ("sparsity", "variance_entropy", "orthogonality")
 SEVERITIES = ("info", "warning", "error")
 ANOMALY_KEYS = ("layer", "kind", "severity", "message", "numbers")
 
-#: Per kind: data class, what the tag's subject is, and the fixed content fields of version 1.
+#: Per kind: data class, what the tag's subject is, and its content fields in the current version.
 _KINDS: dict[str, tuple[int, str, dict[str, Any]]] = {
     PROPORTIONS: (TENSOR, "layer", {"clusters": list(CLUSTERS)}),
     CLUSTERED_FRACTION: (TENSOR, "layer", {"fields": list(CLUSTERED_FIELDS)}),
@@ -82,6 +85,8 @@ _KINDS: dict[str, tuple[int, str, dict[str, Any]]] = {
     ANOMALIES: (BLOB_SEQUENCE, "none", {"blobs": ["anomalies"]}),
 }
 KINDS: tuple[str, ...] = tuple(_KINDS)
+#: The content fields an older version wrote differently; the others are as in the current one.
+_OLDER_FIELDS: dict[int, dict[str, dict[str, Any]]] = {1: {CLUSTERED_FRACTION: {"fields": list(CLUSTERED_FIELDS[:3])}}}
 #: Kinds that the update lens writes too (its kernels' activation and quality mean nothing).
 UPDATE_KINDS = (PROPORTIONS, CLUSTERED_FRACTION, CODE_HISTOGRAM, SPRITE)
 #: The content fields naming each axis of a tensor record.
@@ -92,6 +97,27 @@ _TENSOR_AXES = {
     TOTAL_ACTIVATION: ("clusters", "stats"),
     CODE_HISTOGRAM: ("rows",),
 }
+
+#: The blobs that are PNGs; the others are JSON.
+PNG_BLOBS = ("png",)
+
+# Bounds of what a reader accepts; a record outside them is a FormatError naming the bound, so
+# that no record can exhaust the plugin or bloat its answers (docs/format.md, "Validation").
+#: Bytes of a record's ``plugin_data.content``.
+MAX_CONTENT_BYTES = 16 * 1024
+#: Bytes of one JSON blob: a sprite layout, a spectrum info, or one snapshot's anomaly list.
+MAX_JSON_BYTES = 512 * 1024
+#: Nesting of any JSON value, checked before it is parsed (Python's parser recurses).
+MAX_JSON_DEPTH = 32
+#: Characters of a layer name, and of any other name in a record.
+MAX_NAME_LENGTH = 1024
+#: Characters of an anomaly's message.
+MAX_TEXT_LENGTH = 4096
+MAX_KERNEL_SIZE = 255
+MAX_HISTOGRAM_BINS = 1024
+#: The only colours a reader passes on; any other (a CSS ``url()``, a name) becomes FALLBACK_COLOUR.
+COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
+FALLBACK_COLOUR = "#999999"
 
 
 class FormatError(KernelWatchError):
@@ -125,24 +151,42 @@ class RecordInfo:
 # -- tags ------------------------------------------------------------------------------------
 
 
+#: Percent-escaped in a tag's layer: "%" and "/", so that tags parse, and the quote, backslash and
+#: control characters, which TensorBoard's data server cannot read back in a blob key. Everything
+#: else is kept, so that dotted module names stay readable in TensorBoard.
+_ESCAPED = re.compile(r'[%/"\\\x00-\x1f\x7f-\x9f]')
+#: What TensorBoard's data server (tensorboard-data-server 0.7.2) cannot read back in a blob key:
+#: it parses the run and tag of a key without unescaping JSON, so it refuses these in either.
+_UNKEYABLE = re.compile(r'["\\\x00-\x1f]')
+
+
 def _escape(name: str) -> str:
-    # Only "%", "/" and the quote and backslash TensorBoard's data server cannot read back in a
-    # blob tag are escaped, so dotted module names stay readable in TensorBoard.
-    return name.replace("%", "%25").replace("/", "%2F").replace('"', "%22").replace("\\", "%5C")
+    return _ESCAPED.sub(lambda match: quote(match.group(), safe=""), name)
+
+
+def unkeyable(name: str) -> str | None:
+    """The first character of a run or tag name that TensorBoard's data server cannot read back
+    in a blob key (so it serves no sprite, spectrum or anomalies of that run or tag), or None.
+
+    >>> unkeyable('runs/lr "0.1"'), unkeyable("runs/lr=0.1 ö")
+    ('"', None)
+    """
+    match = _UNKEYABLE.search(name)
+    return match.group() if match else None
 
 
 def make_tag(kind: str, subject: str | int | None = None, lens: str = WEIGHTS) -> str:
     """``kernelwatch/[update/]<kind>[/<subject>]``: subject is the layer's qualified name
-    (``/``, ``%``, ``"`` and ``\\`` percent-escaped), the kernel size for a spectrum, nothing
-    for anomalies; records of the update lens carry ``update/`` before their kind.
+    (``/``, ``%``, ``"``, ``\\`` and control characters percent-escaped), the kernel size for a
+    spectrum, nothing for anomalies; records of the update lens carry ``update/`` before their kind.
 
-    >>> make_tag(SPECTRUM, 5), make_tag(ANOMALIES), make_tag(SPRITE, "odd/name", lens=UPDATE)
-    ('kernelwatch/spectrum/5x5', 'kernelwatch/anomalies', 'kernelwatch/update/sprite/odd%2Fname')
+    >>> make_tag(SPECTRUM, 5), make_tag(ANOMALIES), make_tag(SPRITE, "odd/name\\x00", lens=UPDATE)
+    ('kernelwatch/spectrum/5x5', 'kernelwatch/anomalies', 'kernelwatch/update/sprite/odd%2Fname%00')
     """
     scope = _kind(kind)[1]
     _check_lens(kind, lens)
     if lens == UPDATE:
-        return f"{PLUGIN_NAME}/{UPDATE}/{kind}/{_escape(subject)}"
+        return f"{PLUGIN_NAME}/{UPDATE}/{kind}/{_escape(_layer(subject, kind))}"
     if scope == "none":
         if subject is not None:
             raise FormatError(f"{kind} records take no subject, got {subject!r}")
@@ -150,9 +194,7 @@ def make_tag(kind: str, subject: str | int | None = None, lens: str = WEIGHTS) -
     if scope == "kernel_size":
         k = _kernel_size(subject)
         return f"{PLUGIN_NAME}/{kind}/{k}x{k}"
-    if not isinstance(subject, str):
-        raise FormatError(f"{kind} records need a layer name, got {subject!r}")
-    return f"{PLUGIN_NAME}/{kind}/{_escape(subject)}"
+    return f"{PLUGIN_NAME}/{kind}/{_escape(_layer(subject, kind))}"
 
 
 def parse_tag(tag: str) -> Tag:
@@ -196,15 +238,18 @@ def summary_metadata(
     >>> summary_metadata(SPECTRUM, kernel_size=5).data_class == BLOB_SEQUENCE
     True
     """
-    data_class, scope, fields = _kind(kind)
+    data_class, scope, _ = _kind(kind)
     _check_lens(kind, lens)
-    if (scope == "layer") != isinstance(layer, str):
-        raise FormatError(f"{kind} records {'need a layer name' if scope == 'layer' else 'take no layer'}")
+    if scope == "layer":
+        layer = _layer(layer, kind)
+    elif layer is not None:
+        raise FormatError(f"{kind} records take no layer")
     if scope == "kernel_size":
         kernel_size = _kernel_size(kernel_size)
     elif kernel_size is not None:
         raise FormatError(f"{kind} records take no kernel size")
-    content = {"version": FORMAT_VERSION, "kind": kind, "layer": layer, "kernel_size": kernel_size, **fields}
+    content = {"version": FORMAT_VERSION, "kind": kind, "layer": layer, "kernel_size": kernel_size}
+    content.update(content_fields(kind))
     if scope == "layer":
         content["lens"] = lens
         if order is not None:
@@ -215,52 +260,92 @@ def summary_metadata(
     )
 
 
+def content_fields(kind: str, version: int = FORMAT_VERSION) -> dict[str, Any]:
+    """The content fields of a ``kind`` record in format ``version``: the names of its axes or
+    blobs (and a histogram's range), exactly as a writer of that version writes them.
+
+    >>> content_fields(CLUSTERED_FRACTION, version=1)
+    {'fields': ['clustered_fraction', 'n_kernels', 'n_invalid']}
+    """
+    return {**_kind(kind)[2], **_OLDER_FIELDS.get(version, {}).get(kind, {})}
+
+
 def parse_metadata(metadata: summary_pb2.SummaryMetadata) -> RecordInfo:
     """Read back what :func:`summary_metadata` wrote; :class:`FormatError` when it is not
     kernelwatch content, is malformed, or comes from a newer format version."""
     if metadata.plugin_data.plugin_name != PLUGIN_NAME:
-        raise FormatError(f"not kernelwatch metadata (plugin {metadata.plugin_data.plugin_name!r})")
+        raise FormatError(f"not kernelwatch metadata (plugin {_short(metadata.plugin_data.plugin_name)})")
     return parse_content(metadata.plugin_data.content, metadata.data_class)
 
 
 def parse_content(content: bytes, data_class: int | None = None) -> RecordInfo:
-    """Parse ``plugin_data.content`` alone, as a data provider's ``plugin_content`` gives it;
-    with ``data_class`` (of the listing it came from), check that it matches the kind.
+    """Parse and validate ``plugin_data.content`` alone, as a data provider's ``plugin_content``
+    gives it; with ``data_class`` (of the listing it came from), check that it matches the kind.
+    Every field is checked against the schema of the record's version (:func:`check_fields`).
 
     >>> parse_content(b'{"version": 1, "kind": "anomalies", "blobs": ["anomalies"]}').kind
     'anomalies'
     """
-    content = decode_json(content)
+    content = decode_json(content, MAX_CONTENT_BYTES)
     if not isinstance(content, dict):
         raise FormatError("kernelwatch metadata content is not a JSON object")
     version = content.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise FormatError(f"kernelwatch metadata has no valid version: {version!r}")
+    if not _is_int(version) or version < 1:
+        raise FormatError(f"kernelwatch metadata has no valid version: {_short(version)}")
     if version > max(READABLE_VERSIONS):
         raise FormatError(
-            f"kernelwatch format version {version} is newer than this reader's ({FORMAT_VERSION}); "
+            f"kernelwatch format version {_short(version)} is newer than this reader's ({FORMAT_VERSION}); "
             "upgrade kernelwatch to read it"
         )
     kind = content.get("kind")
-    if kind not in _KINDS:
-        raise FormatError(f"unknown kernelwatch record kind {kind!r}")
-    expected, scope, fields = _KINDS[kind]
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise FormatError(f"unknown kernelwatch record kind {_short(kind)}")
+    expected, scope, _ = _KINDS[kind]
     if data_class is not None and data_class != expected:
         raise FormatError(f"{kind} record has data class {data_class}, expected {expected}")
     layer, kernel_size = content.get("layer"), content.get("kernel_size")
-    if (scope == "layer") != isinstance(layer, str):
-        raise FormatError(f"{kind} record has an invalid layer: {layer!r}")
-    if (scope == "kernel_size") != isinstance(kernel_size, int):
-        raise FormatError(f"{kind} record has an invalid kernel size: {kernel_size!r}")
-    missing = [key for key in fields if not isinstance(content.get(key), list)]
+    if not (_is_name(layer) if scope == "layer" else layer is None):
+        raise FormatError(f"{kind} record has an invalid layer (at most {MAX_NAME_LENGTH} characters): {_short(layer)}")
+    if scope == "kernel_size":
+        _kernel_size(kernel_size)
+    elif kernel_size is not None:
+        raise FormatError(f"{kind} record has an invalid kernel size: {_short(kernel_size)}")
+    fields = check_fields(kind, version, content)
+    lens, order = content.get("lens", WEIGHTS), content.get("order")
+    if not isinstance(lens, str) or lens not in LENSES or (lens == UPDATE and kind not in UPDATE_KINDS):
+        raise FormatError(f"{kind} record has an invalid lens: {_short(lens)}")
+    if order is not None and (not _is_int(order) or not 0 <= order < 2**31):
+        raise FormatError(f"{kind} record has an invalid layer order: {_short(order)}")
+    return RecordInfo(version, kind, layer, kernel_size, fields, lens, order)
+
+
+def check_fields(kind: str, version: int, content: Mapping[str, Any]) -> dict[str, Any]:
+    """The content fields of a record: each must hold exactly the names its kind has in its
+    version, in any order (readers take the order from the record, not from their constants),
+    and a histogram's range must be ``[0, 1]``.
+
+    >>> check_fields(QUALITY, 2, {"metrics": ["orthogonality", "sparsity", "variance_entropy"]})
+    {'metrics': ['orthogonality', 'sparsity', 'variance_entropy']}
+    >>> check_fields(QUALITY, 2, {"metrics": [{"a": 1}]})
+    Traceback (most recent call last):
+    ...
+    kernelwatch.format.FormatError: quality record's metrics must be ['sparsity', 'variance_entropy', 'orthogonality'] in any order, got [{'a': 1}]
+    """
+    known = content_fields(kind, version)
+    missing = [key for key in known if key not in content]
     if missing:
         raise FormatError(f"{kind} record lacks fields {missing}")
-    lens, order = content.get("lens", WEIGHTS), content.get("order")
-    if lens not in LENSES or (lens == UPDATE and kind not in UPDATE_KINDS):
-        raise FormatError(f"{kind} record has an invalid lens: {lens!r}")
-    if order is not None and (not isinstance(order, int) or isinstance(order, bool) or order < 0):
-        raise FormatError(f"{kind} record has an invalid layer order: {order!r}")
-    return RecordInfo(version, kind, layer, kernel_size, {key: content[key] for key in fields}, lens, order)
+    for key, names in known.items():
+        value = content[key]
+        ok = isinstance(value, list) and len(value) == len(names)
+        if ok and all(isinstance(name, str) for name in names):
+            ok = all(isinstance(v, str) for v in value) and set(value) == set(names)
+        elif ok:
+            ok = all(_is_number(v) for v in value) and value == names
+        if not ok:
+            order = " in any order" if all(isinstance(name, str) for name in names) else ""
+            raise FormatError(f"{kind} record's {key} must be {names}{order}, got {_short(value)}")
+    return {key: content[key] for key in known}
 
 
 # -- payloads --------------------------------------------------------------------------------
@@ -273,19 +358,59 @@ def encode_json(value: Any) -> bytes:
     >>> encode_json({"x": np.float32(0.5), "y": float("nan"), "z": (1, 2)})
     b'{"x":0.5,"y":null,"z":[1,2]}'
     """
-    return json.dumps(_plain(value), allow_nan=False, separators=(",", ":")).encode()
+    try:  # the C encoder, when there is no NaN or Inf to replace (most answers)
+        return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_numpy_value).encode()
+    except (ValueError, TypeError):
+        return json.dumps(_plain(value), allow_nan=False, separators=(",", ":")).encode()
 
 
-def decode_json(data: bytes | str) -> Any:
+def decode_json(data: bytes | str, limit: int = MAX_JSON_BYTES) -> Any:
+    """Parse UTF-8 JSON of at most ``limit`` bytes and :data:`MAX_JSON_DEPTH` levels;
+    :class:`FormatError` for anything else."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if not isinstance(data, bytes):
+        raise FormatError(f"expected JSON bytes in kernelwatch record, got {type(data).__name__}")
+    check_size(data, limit)
+    check_depth(data)
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise FormatError(f"invalid JSON in kernelwatch record: {err}") from err
+        return json.loads(data.decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError
+        raise FormatError(f"invalid JSON in kernelwatch record: {str(err)[:200]}") from err
+
+
+def check_size(data: bytes, limit: int) -> None:
+    """Refuse a JSON blob or metadata content over ``limit`` bytes before reading it."""
+    if len(data) > limit:
+        raise FormatError(f"kernelwatch record holds {len(data):,} bytes of JSON, over the limit of {limit:,}")
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_OPENING, _CLOSING = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+
+
+def check_depth(data: bytes, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON nested more than ``limit`` deep before it is parsed: Python's parser
+    recurses, and 2 KB of brackets raise RecursionError. Brackets inside strings do not count.
+
+    >>> check_depth(b'{"a": [[1], "[[[["]}', limit=3)
+    >>> check_depth(b"[" * 40 + b"]" * 40)
+    Traceback (most recent call last):
+    ...
+    kernelwatch.format.FormatError: kernelwatch record holds JSON nested 40 deep, over the limit of 32
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return
+    codes = np.frombuffer(_JSON_STRING.sub(b"", data), np.uint8)
+    depth = int(np.cumsum(np.isin(codes, _OPENING).astype(np.int64) - np.isin(codes, _CLOSING)).max(initial=0))
+    if depth > limit:
+        raise FormatError(f"kernelwatch record holds JSON nested {depth} deep, over the limit of {limit}")
 
 
 def check_anomalies(anomalies: Any) -> list[dict[str, Any]]:
     """Validate a list of anomaly flags: dicts with ``layer`` (str or None), ``kind``,
-    ``severity`` (one of :data:`SEVERITIES`), ``message`` and ``numbers`` (name -> number or None).
+    ``severity`` (one of :data:`SEVERITIES`), ``message`` and ``numbers`` (name -> number or None),
+    its names at most :data:`MAX_NAME_LENGTH` and its message :data:`MAX_TEXT_LENGTH` characters.
 
     >>> flag = {"layer": "dw", "kind": "dead", "severity": "warning", "message": "m", "numbers": {"n": 3}}
     >>> check_anomalies([flag]) == [flag]
@@ -295,40 +420,149 @@ def check_anomalies(anomalies: Any) -> list[dict[str, Any]]:
         raise FormatError(f"anomalies must be a list, got {type(anomalies).__name__}")
     for item in anomalies:
         if not isinstance(item, dict) or any(key not in item for key in ANOMALY_KEYS):
-            raise FormatError(f"an anomaly must be a dict with keys {ANOMALY_KEYS}, got {item!r}")
+            raise FormatError(f"an anomaly must be a dict with keys {ANOMALY_KEYS}, got {_short(item)}")
         numbers = item["numbers"]
         ok = (
-            (item["layer"] is None or isinstance(item["layer"], str))
-            and isinstance(item["kind"], str)
+            (item["layer"] is None or _is_name(item["layer"]))
+            and _is_name(item["kind"])
+            and isinstance(item["severity"], str)
             and item["severity"] in SEVERITIES
             and isinstance(item["message"], str)
+            and len(item["message"]) <= MAX_TEXT_LENGTH
             and isinstance(numbers, dict)
-            and all(v is None or _is_number(v) for v in numbers.values())
+            and all(_is_name(k) and (v is None or _is_number(v)) for k, v in numbers.items())
         )
         if not ok:
-            raise FormatError(f"malformed anomaly (severity must be one of {SEVERITIES}): {item!r}")
+            raise FormatError(
+                f"malformed anomaly (severity must be one of {SEVERITIES}, names at most {MAX_NAME_LENGTH} "
+                f"and the message {MAX_TEXT_LENGTH} characters): {_short(item)}"
+            )
     return anomalies
 
 
+# The JSON blobs' schemas: the keys every writer wrote, with what each holds. A reader passes on
+# these keys only, colours only as "#rrggbb".
+_NUMBER, _NAME, _COLOUR = "number", "name", "colour"
+_RECT = {"x": _NUMBER, "y": _NUMBER, "width": _NUMBER, "height": _NUMBER}
+_CELL = {"x": _NUMBER, "y": _NUMBER, "index": _NUMBER, "label": _NAME}
+_GRID = dict.fromkeys(("width", "height", "kernel_size", "pixels_per_weight", "cell_size"), _NUMBER)
+SPRITE_LAYOUT: dict[str, Any] = {
+    **_GRID,
+    **dict.fromkeys(("gap", "columns", "n_kernels", "n_shown"), _NUMBER),
+    "cells": [_CELL],
+    "groups": [{"label": _NAME, "colour": _COLOUR, "count": _NUMBER, "shown": _NUMBER, **_RECT}],
+}
+SPECTRUM_INFO: dict[str, Any] = {
+    "kernel_size": _NUMBER,
+    "threshold": _NUMBER,
+    "method": _NAME,
+    "n_codes": _NUMBER,
+    "intervals": [{"label": _NAME, "start": _NUMBER, "end": _NUMBER}],
+    "strip": {
+        **_GRID,
+        "n_prototypes": _NUMBER,
+        "cells": [{**_CELL, "code": _NUMBER}],
+        "band": _RECT,
+        "colours": {_NAME: _COLOUR},  # a map from any name
+    },
+}
+_BLOB_SCHEMAS = {"layout": SPRITE_LAYOUT, "info": SPECTRUM_INFO}
+
+
+def check_json(value: Any, schema: Any, where: str) -> Any:
+    """``value`` as ``schema`` describes it (:data:`SPRITE_LAYOUT`, :data:`SPECTRUM_INFO`):
+    numbers finite, names strings of at most :data:`MAX_NAME_LENGTH` characters, keys the
+    schema does not know left out, and any colour that is not ``#rrggbb`` replaced by
+    :data:`FALLBACK_COLOUR`; :class:`FormatError` for a missing key or a wrong type.
+
+    >>> check_json({"label": "on-centre", "colour": "url(x)", "extra": 1}, {"label": _NAME, "colour": _COLOUR}, "group")
+    {'label': 'on-centre', 'colour': '#999999'}
+    """
+    if schema == _COLOUR:
+        return value if isinstance(value, str) and COLOUR.fullmatch(value) else FALLBACK_COLOUR
+    if schema == _NUMBER:
+        if not _is_number(value) or not math.isfinite(value):
+            raise FormatError(f"{where} must be a finite number, got {_short(value)}")
+        return value
+    if schema == _NAME:
+        if not _is_name(value):
+            raise FormatError(f"{where} must be a string of at most {MAX_NAME_LENGTH} characters, got {_short(value)}")
+        return value
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            raise FormatError(f"{where} must be a list, got {_short(value)}")
+        return [check_json(item, schema[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if not isinstance(value, dict):
+        raise FormatError(f"{where} must be an object, got {_short(value)}")
+    if _NAME in schema:
+        return {check_json(k, _NAME, where): check_json(v, schema[_NAME], f"{where}[{k!r}]") for k, v in value.items()}
+    missing = [key for key in schema if key not in value]
+    if missing:
+        raise FormatError(f"{where} lacks {missing}")
+    return {key: check_json(value[key], sub, f"{where}.{key}") for key, sub in schema.items()}
+
+
+def check_blob_count(info: RecordInfo, count: int) -> None:
+    """A blob-sequence record holds one blob per name its metadata lists."""
+    names = info.fields.get("blobs")
+    if info.data_class != BLOB_SEQUENCE or names is None:
+        raise FormatError(f"{info.kind} records are not blob sequences")
+    if count != len(names):
+        raise FormatError(f"{info.kind} record has {count} blobs, expected {len(names)} ({names})")
+
+
+def decode_blob(info: RecordInfo, name: str, blob: Any) -> Any:
+    """One blob of a record: a PNG's bytes (checked to be a PNG), or the parsed and validated
+    JSON of a sprite layout, spectrum info or anomaly list.
+
+    >>> decode_blob(parse_metadata(summary_metadata(ANOMALIES)), "anomalies", b"[]")
+    []
+    """
+    if not isinstance(blob, bytes):
+        raise FormatError(f"{info.kind} record's {name} blob is {type(blob).__name__}, not bytes")
+    if name in PNG_BLOBS:
+        if not blob.startswith(PNG_SIGNATURE):
+            raise FormatError(f"{info.kind} record's {name} blob is not a PNG")
+        return blob
+    value = decode_json(blob)
+    if name == "anomalies":
+        return check_anomalies(value)
+    return check_json(value, _BLOB_SCHEMAS[name], f"{info.kind} {name}")
+
+
 def decode_blobs(info: RecordInfo, blobs: Sequence[bytes]) -> dict[str, Any]:
-    """Name the blobs of a blob-sequence record; JSON blobs are parsed, ``png`` stays bytes.
+    """Name the blobs of a blob-sequence record and decode each (:func:`decode_blob`).
 
     >>> decode_blobs(parse_metadata(summary_metadata(ANOMALIES)), [b"[]"])
     {'anomalies': []}
     """
-    names = info.fields.get("blobs")
-    if info.data_class != BLOB_SEQUENCE or names is None:
-        raise FormatError(f"{info.kind} records are not blob sequences")
-    if len(blobs) != len(names):
-        raise FormatError(f"{info.kind} record has {len(blobs)} blobs, expected {len(names)} ({names})")
-    out = {name: blob if name == "png" else decode_json(blob) for name, blob in zip(names, blobs)}
-    if "anomalies" in out:
-        check_anomalies(out["anomalies"])
-    return out
+    check_blob_count(info, len(blobs))
+    return {name: decode_blob(info, name, blob) for name, blob in zip(info.fields["blobs"], blobs)}
+
+
+def check_tensor(info: RecordInfo, value: Any) -> np.ndarray:
+    """A tensor record's payload: numbers (integers or floats, NaN and Inf allowed) of the shape
+    its content lists give, a histogram with 1 to :data:`MAX_HISTOGRAM_BINS` bins."""
+    axes = _TENSOR_AXES.get(info.kind)
+    if axes is None:
+        raise FormatError(f"{info.kind} records are not tensors")
+    value = np.asarray(value)
+    if value.dtype.kind not in "iuf":
+        raise FormatError(f"{info.kind} record holds {value.dtype} values, expected numbers")
+    expected = tuple(len(info.fields[axis]) for axis in axes)
+    if info.kind == CODE_HISTOGRAM:  # its second axis is the bins, however many the writer chose
+        ok = value.ndim == 2 and value.shape[0] == expected[0] and 1 <= value.shape[1] <= MAX_HISTOGRAM_BINS
+        expected = (*expected, f"1..{MAX_HISTOGRAM_BINS} bins")
+    else:
+        ok = value.shape == expected
+    if not ok:
+        raise FormatError(f"{info.kind} record has shape {value.shape}, expected {expected} along {axes}")
+    return value
 
 
 def decode_tensor(info: RecordInfo, value: np.ndarray) -> dict[str, Any]:
-    """Name the entries of a tensor record along the axes its metadata lists.
+    """Name the entries of a tensor record along the axes its metadata lists, once
+    :func:`check_tensor` accepts it.
 
     Returns ``{cluster: share}``, ``{field: value}``, ``{metric: value}``, ``{cluster: {stat:
     value}}`` (clusters with no kernels left out) or ``{row: counts}`` (histogram rows). A
@@ -338,16 +572,8 @@ def decode_tensor(info: RecordInfo, value: np.ndarray) -> dict[str, Any]:
     >>> decode_tensor(parse_metadata(summary_metadata(QUALITY, layer="c")), np.array([0.0, 0.9, 0.7]))
     {'sparsity': 0.0, 'variance_entropy': 0.9, 'orthogonality': 0.7}
     """
-    value = np.asarray(value)
-    axes = _TENSOR_AXES.get(info.kind)
-    if axes is None:
-        raise FormatError(f"{info.kind} records are not tensors")
-    expected = tuple(len(info.fields[axis]) for axis in axes)
-    # A histogram's second axis is its bins, however many the writer chose.
-    ndim = 2 if info.kind == CODE_HISTOGRAM else len(expected)
-    if value.ndim != ndim or value.shape[: len(expected)] != expected:
-        raise FormatError(f"{info.kind} record has shape {value.shape}, expected {expected} along {axes}")
-    names = info.fields[axes[0]]
+    value = check_tensor(info, value)
+    names = info.fields[_TENSOR_AXES[info.kind][0]]
     if info.kind == CODE_HISTOGRAM:
         return {row: value[i] for i, row in enumerate(names)}
     if info.kind == TOTAL_ACTIVATION:
@@ -360,16 +586,24 @@ def decode_tensor(info: RecordInfo, value: np.ndarray) -> dict[str, Any]:
 
 
 def _kind(kind: str) -> tuple[int, str, dict[str, Any]]:
-    if kind not in _KINDS:
-        raise FormatError(f"unknown kernelwatch record kind {kind!r}; expected one of {KINDS}")
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise FormatError(f"unknown kernelwatch record kind {_short(kind)}; expected one of {KINDS}")
     return _KINDS[kind]
 
 
 def _check_lens(kind: str, lens: str) -> None:
-    if lens not in LENSES:
-        raise FormatError(f"unknown lens {lens!r}; expected one of {LENSES}")
+    if not isinstance(lens, str) or lens not in LENSES:
+        raise FormatError(f"unknown lens {_short(lens)}; expected one of {LENSES}")
     if lens == UPDATE and kind not in UPDATE_KINDS:
         raise FormatError(f"the update lens has no {kind} records (it has {UPDATE_KINDS})")
+
+
+def _layer(value: Any, kind: str) -> str:
+    if not isinstance(value, str):
+        raise FormatError(f"{kind} records need a layer name, got {_short(value)}")
+    if len(value) > MAX_NAME_LENGTH:
+        raise FormatError(f"{kind} record's layer name has {len(value):,} characters, more than {MAX_NAME_LENGTH}")
+    return value
 
 
 def _order(value: Any) -> int:
@@ -379,13 +613,37 @@ def _order(value: Any) -> int:
 
 
 def _kernel_size(value: Any) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise FormatError(f"kernel size must be a positive integer, got {value!r}")
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 1 <= value <= MAX_KERNEL_SIZE:
+        raise FormatError(f"kernel size must be an integer from 1 to {MAX_KERNEL_SIZE}, got {_short(value)}")
     return int(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_NAME_LENGTH
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """A repr of a value from a record that is short whatever the record holds."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _numpy_value(value: Any) -> Any:
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _plain(value: Any) -> Any:

@@ -2,9 +2,10 @@
 dashboard's routes and ``kernelwatch summary``.
 
 Only a data provider is used (never the multiplexer), so this works with TensorBoard's
-default fast loader. Every record is judged on its own: a malformed or newer-version series
-becomes an entry in ``errors`` and the rest of the run is still shown. Torch-free, like the
-format it reads.
+default fast loader. Every record is validated on its own (:mod:`kernelwatch.format`): a
+malformed or newer-version series becomes an entry in ``errors`` and the rest of the run is
+still shown. Every answer is bounded (errors, snapshots, anomaly flags, spectra), so that none
+passes 1 MB. Torch-free, like the format it reads.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tensorboard import errors as tb_errors
 from tensorboard.data import provider as tb_provider
 
 from kernelwatch import format as fmt
@@ -32,7 +34,18 @@ SAMPLING_FLAG = f"--samples_per_plugin={fmt.PLUGIN_NAME}=0"
 #: Seconds a listing is reused. The dashboard asks ~5 routes at once, and TensorBoard reloads
 #: logs every 5 s by default, so a listing this old is as fresh as the data behind it.
 INDEX_TTL = 2.0
-_CACHED_ANOMALY_RECORDS = 20_000
+# What the reader keeps of what it read, keyed by series version (RunIndex.versions), so never
+# stale. A call to TensorBoard's data server takes about 40 ms however small its answer, so a
+# dashboard that asks again, or for another step of a series, should not wait on one.
+#: Points of blob sequences, and decoded tensor points.
+_CACHED_SERIES_POINTS = 100_000
+_CACHED_POINTS = 100_000
+#: Decoded blobs, and heat maps and anomaly lists (made once per version of their records:
+#: every dashboard asks for them when it opens a run), in bytes of their JSON; decoded JSON
+#: takes several times its bytes in memory, so it counts _JSON_COST times.
+_CACHED_BLOB_BYTES = 32 << 20
+_CACHED_VIEW_BYTES = 32 << 20
+_JSON_COST = 8
 #: The stock scalars plugin, and the points per series TensorBoard keeps of it by default.
 _SCALARS = "scalars"
 _SCALAR_LIMIT = 1000
@@ -43,6 +56,25 @@ MEASURES = ("clustered_fraction", "median_dissimilarity", "null_clustered_fracti
 #: Kinds written for classified (depthwise) layers only; quality is written for every conv.
 _DEPTHWISE_KINDS = (fmt.PROPORTIONS, fmt.CLUSTERED_FRACTION, fmt.TOTAL_ACTIVATION, fmt.CODE_HISTOGRAM, fmt.SPRITE)
 _LAYER_KINDS = (*_DEPTHWISE_KINDS, fmt.QUALITY)
+#: What TensorBoard's own conversion of a tensor (``tensor_util.make_ndarray``, run on every point
+#: as it is read) raises for a malformed one: values that do not fill its shape, an unknown or
+#: unsupported dtype (TypeError, KeyError), a huge shape broadcast from one value.
+_UNCONVERTIBLE = (ValueError, TypeError, KeyError, IndexError, MemoryError, OverflowError)
+
+# Bounds of one answer, so that none passes 1 MB whatever the log holds (the plugin refuses any
+# answer that would). Realistic logs stay far below them.
+#: Messages in an answer's ``errors`` (each clipped), then one saying how many more there are.
+MAX_ERRORS = 50
+_MAX_MESSAGE = 500
+#: Snapshots per timeline series; a longer one is thinned evenly and listed in ``sampled``.
+MAX_POINTS = 2000
+#: Layers x snapshots of a heat map; beyond it the snapshots are thinned evenly.
+MAX_HEATMAP_CELLS = 100_000
+#: Anomaly flags per answer, newest snapshots first, and the bytes of their JSON.
+MAX_ANOMALIES = 2000
+MAX_ANOMALY_BYTES = 600_000
+#: Bytes of the spectrum infos of one answer.
+MAX_SPECTRUM_BYTES = 600_000
 
 
 class NotFound(LookupError):
@@ -60,6 +92,9 @@ class RunIndex:
     max_step: int = 0
     last_update: float = 0.0
     errors: list[str] = field(default_factory=list)
+    #: tag -> (max step, max wall time) in the listing: a series whose version is unchanged holds
+    #: the same points, so what was read of it can be reused.
+    versions: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def layers(self, kinds: Iterable[str] = _DEPTHWISE_KINDS, lens: str = fmt.WEIGHTS) -> list[str]:
         """Layers with records of any of ``kinds`` in ``lens`` (by default the classified,
@@ -90,23 +125,39 @@ class Reader:
         self._provider = data_provider
         # 0 means "keep all"; None means TensorBoard's defaults apply.
         self._hint = sampling_hint
-        # Decoded anomaly blobs by (blob key, wall time): a heat map over 200 snapshots would
-        # otherwise read 200 blobs per request. Bounded; blobs are immutable per key.
-        self._anomaly_cache: OrderedDict[tuple[str, float], list[dict[str, Any]]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._indexes: dict[str, tuple[float, dict[str, RunIndex]]] = {}
+        self._listing = threading.Lock()
+        self._series = _LRU(_CACHED_SERIES_POINTS)
+        # By blob key and wall time: the anomalies of 200 snapshots are 200 blobs.
+        self._blobs = _LRU(_CACHED_BLOB_BYTES)
+        self._points = _LRU(_CACHED_POINTS)
+        self._views = _LRU(_CACHED_VIEW_BYTES)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kernelwatch-read")
 
     # -- listing -------------------------------------------------------------------------------
 
     def index(self, ctx: Any, eid: str) -> dict[str, RunIndex]:
         """Every run with kernelwatch series, from the provider's listings (no data read);
-        reused for :data:`INDEX_TTL` seconds."""
-        now = time.monotonic()
+        reused for :data:`INDEX_TTL` seconds. One request lists the runs again while the others
+        go on with the listing they have."""
         with self._cache_lock:
             cached = self._indexes.get(eid)
-        if cached and now - cached[0] < INDEX_TTL:
+        if cached and time.monotonic() - cached[0] < INDEX_TTL:
             return cached[1]
+        if not self._listing.acquire(blocking=cached is None):
+            return cached[1]
+        try:
+            with self._cache_lock:
+                latest = self._indexes.get(eid)
+            if latest is not cached and latest is not None:  # listed while this one waited
+                return latest[1]
+            return self._list(ctx, eid)
+        finally:
+            self._listing.release()
+
+    def _list(self, ctx: Any, eid: str) -> dict[str, RunIndex]:
+        now = time.monotonic()
         runs: dict[str, RunIndex] = {}
         listers = ((fmt.TENSOR, self._provider.list_tensors), (fmt.BLOB_SEQUENCE, self._provider.list_blob_sequences))
         for data_class, lister in listers:
@@ -143,7 +194,7 @@ class Reader:
                 "has_anomalies": index.has(fmt.ANOMALIES),
                 "max_step": index.max_step,
                 "updated": index.last_update,
-                "errors": index.errors,
+                "errors": _bounded(index.errors),
             }
             for index in self.index(ctx, eid).values()
         ]
@@ -167,7 +218,7 @@ class Reader:
             }
             for layer in index.layers(_LAYER_KINDS)
         ]
-        return {"run": run, "layers": layers, "errors": index.errors}
+        return {"run": run, "layers": layers, "errors": _bounded(index.errors)}
 
     def timeline(self, ctx: Any, eid: str, run: str, layer: str, lens: str = fmt.WEIGHTS) -> dict[str, Any]:
         """Cluster proportions, clustered fraction with the structure measures, and (weights
@@ -177,12 +228,14 @@ class Reader:
         if not kinds:
             raise NotFound(f"run {run!r} has no timeline records for layer {layer!r} in the {lens} lens")
         data, errors = self._tensors(ctx, eid, index, [index.tag(k, layer, lens) for k in kinds])
-        out: dict[str, Any] = {"run": run, "layer": layer, "lens": lens, "errors": index.errors + errors, "sampled": []}
+        out: dict[str, Any] = {"run": run, "layer": layer, "lens": lens, "sampled": []}
+        out["errors"] = _bounded(index.errors + errors)
         for kind in kinds:
             tag = index.tag(kind, layer, lens)
             points = data.get(tag, [])
-            if self._at_limit(fmt.TENSOR, len(points)):
+            if self._at_limit(fmt.TENSOR, len(points)) or len(points) > MAX_POINTS:
                 out["sampled"].append(kind)
+                points = _thin(points, MAX_POINTS)
             names = fmt.CLUSTERED_FIELDS if kind == fmt.CLUSTERED_FRACTION else index.infos[tag].fields[_AXIS[kind]]
             out[kind] = {
                 "steps": [step for step, _ in points],
@@ -198,25 +251,13 @@ class Reader:
             raise NotFound(f"unknown measure {measure!r}; expected one of {MEASURES}")
         index = self.run_index(ctx, eid, run)
         layers = [layer for layer in index.layers(lens=lens) if index.has(fmt.CLUSTERED_FRACTION, layer, lens)]
-        series = self._scalar_series(ctx, eid, run, lens, measure, layers)
-        rest = [layer for layer in layers if layer not in series]
-        tags = {layer: index.tag(fmt.CLUSTERED_FRACTION, layer, lens) for layer in rest}
-        data, errors = self._tensors(ctx, eid, index, tags.values())
-        sampled = 0
-        for layer, tag in tags.items():
-            points = data.get(tag, [])
-            sampled += self._at_limit(fmt.TENSOR, len(points))
-            series[layer] = [(step, value[measure]) for step, value in points]
-        steps = sorted({step for points in series.values() for step, _ in points})
-        column = {step: i for i, step in enumerate(steps)}
-        # A dense layers x steps matrix (null where a layer lacks a snapshot): half the bytes
-        # of [x, y, value] triples.
-        values = []
-        for layer in layers:
-            row: list[float | None] = [None] * len(steps)
-            for step, value in series[layer]:
-                row[column[step]] = _round(value)
-            values.append(row)
+        # The writer writes the stock scalars in the event of a layer's clustered_fraction
+        # record, so the versions of those records stand for all the heat map reads.
+        versions = tuple(index.versions.get(index.tag(fmt.CLUSTERED_FRACTION, layer, lens)) for layer in layers)
+        key = ("heatmap", eid, run, lens, measure, tuple(layers), versions)
+        steps, values, sampled, errors = self._views.get_or_make(
+            key, lambda: self._heatmap(ctx, eid, index, lens, measure, layers)
+        )
         # Anomaly marks are drawn by the frontend from the anomalies route, which it asks for at
         # the same time: reading the anomaly blobs here too would make the heat map wait on them.
         return {
@@ -227,27 +268,80 @@ class Reader:
             "steps": steps,
             "values": values,
             "sampled_layers": sampled,
-            "errors": index.errors + errors,
+            "errors": _bounded(index.errors + errors),
         }
 
-    def anomalies(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
-        """Every anomaly flag of a run, newest snapshot first, each with its step."""
+    def _heatmap(
+        self, ctx: Any, eid: str, index: RunIndex, lens: str, measure: str, layers: list[str]
+    ) -> tuple[tuple[list[int], list[list[float | None]], int, list[str]], int]:
+        """``((steps, values, sampled layers, errors), cost)`` of a heat map."""
+        series = self._scalar_series(ctx, eid, index, lens, measure, layers)
+        rest = [layer for layer in layers if layer not in series]
+        tags = {layer: index.tag(fmt.CLUSTERED_FRACTION, layer, lens) for layer in rest}
+        data, errors = self._tensors(ctx, eid, index, tags.values())
+        sampled = 0
+        for layer, tag in tags.items():
+            points = data.get(tag, [])
+            sampled += self._at_limit(fmt.TENSOR, len(points))
+            series[layer] = [(step, value[measure]) for step, value in points]
+        steps = sorted({step for points in series.values() for step, _ in points})
+        if layers and len(layers) * len(steps) > MAX_HEATMAP_CELLS:
+            steps, sampled = _thin(steps, max(1, MAX_HEATMAP_CELLS // len(layers))), len(layers)
+        column = {step: i for i, step in enumerate(steps)}
+        # A dense layers x steps matrix (null where a layer lacks a snapshot): half the bytes
+        # of [x, y, value] triples.
+        values = []
+        for layer in layers:
+            row: list[float | None] = [None] * len(steps)
+            for step, value in series[layer]:
+                if step in column:
+                    row[column[step]] = _round(value)
+            values.append(row)
+        return (steps, values, sampled, errors), _JSON_COST * 8 * (len(layers) + 1) * (len(steps) + 1)
+
+    def anomalies(self, ctx: Any, eid: str, run: str, *, bounded: bool = True) -> dict[str, Any]:
+        """The anomaly flags of a run, newest snapshot first, each with its step; ``bounded`` (as
+        the dashboard asks), at most :data:`MAX_ANOMALIES` flags (:data:`MAX_ANOMALY_BYTES` of
+        JSON) with a note on the rest."""
         index = self.run_index(ctx, eid, run)
         tag = index.tag(fmt.ANOMALIES)
-        series = self._blob_series(ctx, eid, run, tag)
+        key = ("anomalies", eid, run, tag, index.versions.get(tag), bounded)
+        made = self._views.get_or_make(key, lambda: self._anomalies(ctx, eid, index, bounded))
+        flags, checked, sampled, errors = made
+        return {"run": run, "anomalies": flags, "checked_steps": checked, "sampled": sampled, "errors": errors}
+
+    def _anomalies(
+        self, ctx: Any, eid: str, index: RunIndex, bounded: bool
+    ) -> tuple[tuple[list[dict[str, Any]], list[int], bool, list[str]], int]:
+        """``((flags, checked steps, sampled, errors), cost)`` of a run's anomalies."""
+        tag = index.tag(fmt.ANOMALIES)
+        series = self._blob_series(ctx, eid, index, tag)
         info = index.infos[tag]
         # One blob per snapshot, read concurrently: 200 sequential reads take over a second.
-        found = list(self._pool.map(lambda datum: self._anomalies_of(ctx, info, datum), series))
-        flags, errors = [], []
-        for datum, result in zip(series, found):
+        found = list(self._pool.map(lambda datum: self._anomalies_of(ctx, index.run, tag, info, datum), series))
+        flags, errors, size, omitted = [], [], 0, 0
+        for datum, result in sorted(zip(series, found), key=lambda pair: -pair[0].step):
             if isinstance(result, fmt.FormatError):
                 errors.append(f"{tag} at step {datum.step}: {result}")
+                continue
+            found_flags, nbytes = result
+            full = len(flags) + len(found_flags) > MAX_ANOMALIES or size + nbytes > MAX_ANOMALY_BYTES
+            if bounded and (omitted or full):
+                omitted += len(found_flags)
             else:
-                flags.extend({**flag, "step": datum.step} for flag in result)
+                flags.extend({**flag, "step": datum.step} for flag in found_flags)
+                size += nbytes
         flags.sort(key=lambda f: (-f["step"], -fmt.SEVERITIES.index(f["severity"])))
+        if omitted:
+            errors.insert(
+                0,
+                f"{omitted} anomaly flags of older snapshots are not shown: one answer holds at most "
+                f"{MAX_ANOMALIES} flags ({MAX_ANOMALY_BYTES:,} bytes); `kernelwatch summary` lists them all",
+            )
         checked = [datum.step for datum in series]
         sampled = self._at_limit(fmt.BLOB_SEQUENCE, len(series))
-        return {"run": run, "anomalies": flags, "checked_steps": checked, "sampled": sampled, "errors": errors}
+        errors = _bounded(errors) if bounded else errors
+        return (flags, checked, sampled, errors), _JSON_COST * (size + 16 * (len(flags) + len(checked)) + 1)
 
     def sprite(
         self, ctx: Any, eid: str, run: str, layer: str, step: int | None, lens: str = fmt.WEIGHTS
@@ -255,10 +349,9 @@ class Reader:
         """The layout of a layer's sprite at ``step`` (the latest if None) and all sprite steps."""
         index = self.run_index(ctx, eid, run)
         tag = index.tag(fmt.SPRITE, layer, lens)
-        series = self._blob_series(ctx, eid, run, tag)
+        series = self._blob_series(ctx, eid, index, tag)
         datum = _at_step(series, step, f"sprite of {layer!r}")
-        names = index.infos[tag].fields["blobs"]
-        layout = fmt.decode_json(self._read(ctx, datum.values[names.index("layout")].blob_key))
+        layout, _ = self._blob(ctx, run, tag, index.infos[tag], datum, "layout")
         return {
             "run": run,
             "layer": layer,
@@ -274,35 +367,39 @@ class Reader:
     ) -> bytes:
         index = self.run_index(ctx, eid, run)
         tag = index.tag(fmt.SPRITE, layer, lens)
-        datum = _at_step(self._blob_series(ctx, eid, run, tag), step, f"sprite of {layer!r}")
-        return self._png(ctx, index.infos[tag], datum)
+        datum = _at_step(self._blob_series(ctx, eid, index, tag), step, f"sprite of {layer!r}")
+        return self._blob(ctx, run, tag, index.infos[tag], datum, "png")[0]
 
     def spectrum(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
-        """Every spectrum of the run (one per kernel size): its latest info JSON."""
+        """Every spectrum of the run (one per kernel size): its latest info JSON, as many as fit
+        in :data:`MAX_SPECTRUM_BYTES`."""
         index = self.run_index(ctx, eid, run)
-        spectra, errors = [], []
-        for size in sorted(s for (kind, s, _) in index.tags if kind == fmt.SPECTRUM):
-            tag = index.tag(fmt.SPECTRUM, size)
-            series = self._blob_series(ctx, eid, run, tag)
+        spectra, errors, size = [], [], 0
+        for k in sorted(s for (kind, s, _) in index.tags if kind == fmt.SPECTRUM):
+            tag = index.tag(fmt.SPECTRUM, k)
+            series = self._blob_series(ctx, eid, index, tag)
             if not series:
                 continue
             datum = series[-1]
-            names = index.infos[tag].fields["blobs"]
             try:
-                info = fmt.decode_json(self._read(ctx, datum.values[names.index("info")].blob_key))
-            except (fmt.FormatError, IndexError) as err:
+                info, nbytes = self._blob(ctx, run, tag, index.infos[tag], datum, "info")
+            except fmt.FormatError as err:
                 errors.append(f"{tag}: {err}")
                 continue
-            spectra.append({"kernel_size": size, "step": datum.step, "info": info})
-        return {"run": run, "spectra": spectra, "errors": index.errors + errors}
+            size += nbytes
+            if size > MAX_SPECTRUM_BYTES:
+                errors.append(f"{tag}: not shown, the spectra of this run pass {MAX_SPECTRUM_BYTES:,} bytes")
+                continue
+            spectra.append({"kernel_size": k, "step": datum.step, "info": info})
+        return {"run": run, "spectra": spectra, "errors": _bounded(index.errors + errors)}
 
     def spectrum_png(self, ctx: Any, eid: str, run: str, kernel_size: int) -> bytes:
         index = self.run_index(ctx, eid, run)
         tag = index.tag(fmt.SPECTRUM, kernel_size)
-        series = self._blob_series(ctx, eid, run, tag)
+        series = self._blob_series(ctx, eid, index, tag)
         if not series:
             raise NotFound(f"run {run!r} has no spectrum for {kernel_size}x{kernel_size} kernels")
-        return self._png(ctx, index.infos[tag], series[-1])
+        return self._blob(ctx, run, tag, index.infos[tag], series[-1], "png")[0]
 
     def summary(self, ctx: Any, eid: str) -> dict[str, Any]:
         """What the log holds, per run, layer (in model order) and step: the figures of both
@@ -330,7 +427,9 @@ class Reader:
                         for step, value in weights
                     ],
                 }
-            anomalies = self.anomalies(ctx, eid, run) if index.has(fmt.ANOMALIES) else {"anomalies": [], "errors": []}
+            anomalies = {"anomalies": [], "errors": []}
+            if index.has(fmt.ANOMALIES):
+                anomalies = self.anomalies(ctx, eid, run, bounded=False)
             runs[run] = {
                 "layers": out,
                 "anomalies": [
@@ -347,98 +446,179 @@ class Reader:
         self, ctx: Any, eid: str, index: RunIndex, tags: Iterable[str]
     ) -> tuple[dict[str, list[tuple[int, Any]]], list[str]]:
         """``tag -> [(step, decoded)]`` for tensor tags of a run; undecodable points become errors."""
-        tags = list(tags)
-        if not tags:
-            return {}, []
-        read = self._provider.read_tensors(
+        keys = {tag: (eid, index.run, tag, index.versions.get(tag)) for tag in tags}
+        found = {tag: self._points.get(key) for tag, key in keys.items()}
+        missing = [tag for tag, cached in found.items() if cached is None]
+        if missing:
+            try:
+                read = self._read_tensors(ctx, eid, index.run, missing)
+                unreadable = {}
+            except _UNCONVERTIBLE:
+                # TensorBoard converts every point as it reads them, so one malformed tensor
+                # fails the whole read: read tag by tag to serve the others.
+                read, unreadable = {}, {}
+                for tag in missing:
+                    try:
+                        read.update(self._read_tensors(ctx, eid, index.run, [tag]))
+                    except _UNCONVERTIBLE as err:
+                        unreadable[tag] = f"{tag}: TensorBoard cannot convert its tensors ({type(err).__name__}: {err})"
+            for tag in missing:
+                found[tag] = _decode_points(tag, index.infos[tag], read.get(tag, []), unreadable.get(tag))
+                self._points.put(keys[tag], found[tag], len(found[tag][0]) + 1)
+        return {tag: points for tag, (points, _) in found.items()}, [e for _, errors in found.values() for e in errors]
+
+    def _read_tensors(self, ctx: Any, eid: str, run: str, tags: list[str]) -> dict[str, list[Any]]:
+        return self._provider.read_tensors(
             ctx,
             experiment_id=eid,
             plugin_name=fmt.PLUGIN_NAME,
             downsample=_ALL,
-            run_tag_filter=tb_provider.RunTagFilter(runs=[index.run], tags=tags),
-        ).get(index.run, {})
-        out: dict[str, list[tuple[int, Any]]] = {}
-        errors: list[str] = []
-        for tag in tags:
-            info, points = index.infos[tag], []
-            for datum in read.get(tag, []):
-                try:
-                    points.append((datum.step, fmt.decode_tensor(info, datum.numpy)))
-                except fmt.FormatError as err:
-                    errors.append(f"{tag} at step {datum.step}: {err}")
-            out[tag] = points
-        return out, errors
+            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=tags),
+        ).get(run, {})
 
     def _scalar_series(
-        self, ctx: Any, eid: str, run: str, lens: str, measure: str, layers: list[str]
+        self, ctx: Any, eid: str, index: RunIndex, lens: str, measure: str, layers: list[str]
     ) -> dict[str, list[tuple[int, float]]]:
         """A measure from the writer's stock scalars: ten times faster to read than tensors
         through the fast loader. Layers without them, or whose series fills the scalars'
         reservoir (so may be sampled), are left for the tensor records."""
         prefix = "" if lens == fmt.WEIGHTS else f"{lens}."
         tags = {fmt.scalar_tag(prefix + measure, layer): layer for layer in layers}
-        read = self._provider.read_scalars(
-            ctx,
-            experiment_id=eid,
-            plugin_name=_SCALARS,
-            downsample=_ALL,
-            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=list(tags)),
-        ).get(run, {})
+        try:
+            found = self._provider.read_scalars(
+                ctx,
+                experiment_id=eid,
+                plugin_name=_SCALARS,
+                downsample=_ALL,
+                run_tag_filter=tb_provider.RunTagFilter(runs=[index.run], tags=list(tags)),
+            ).get(index.run, {})
+        except _UNCONVERTIBLE:  # a malformed scalar (Python loader): read the tensor records instead
+            return {}
         return {
             tags[tag]: [(point.step, point.value) for point in points]
-            for tag, points in read.items()
+            for tag, points in found.items()
             if tag in tags and 0 < len(points) < _SCALAR_LIMIT
         }
 
-    def _blob_series(self, ctx: Any, eid: str, run: str, tag: str) -> list[tb_provider.BlobSequenceDatum]:
-        read = self._provider.read_blob_sequences(
-            ctx,
-            experiment_id=eid,
-            plugin_name=fmt.PLUGIN_NAME,
-            downsample=_ALL,
-            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[tag]),
-        )
-        return list(read.get(run, {}).get(tag, []))
+    def _blob_series(self, ctx: Any, eid: str, index: RunIndex, tag: str) -> list[tb_provider.BlobSequenceDatum]:
+        def read() -> tuple[list[tb_provider.BlobSequenceDatum], int]:
+            series = self._provider.read_blob_sequences(
+                ctx,
+                experiment_id=eid,
+                plugin_name=fmt.PLUGIN_NAME,
+                downsample=_ALL,
+                run_tag_filter=tb_provider.RunTagFilter(runs=[index.run], tags=[tag]),
+            )
+            series = list(series.get(index.run, {}).get(tag, []))
+            return series, len(series) + 1
 
-    def _read(self, ctx: Any, blob_key: str) -> bytes:
-        return self._provider.read_blob(ctx, blob_key=blob_key)
+        return self._series.get_or_make((eid, index.run, tag, index.versions.get(tag)), read)
 
-    def _png(self, ctx: Any, info: fmt.RecordInfo, datum: tb_provider.BlobSequenceDatum) -> bytes:
-        names = info.fields["blobs"]
-        if len(datum.values) != len(names):
-            raise fmt.FormatError(f"{info.kind} record has {len(datum.values)} blobs, expected {names}")
-        png = self._read(ctx, datum.values[names.index("png")].blob_key)
-        if not png.startswith(b"\x89PNG\r\n\x1a\n"):
-            raise fmt.FormatError(f"{info.kind} record at step {datum.step} holds no PNG")
-        return png
+    def _blob(
+        self, ctx: Any, run: str, tag: str, info: fmt.RecordInfo, datum: tb_provider.BlobSequenceDatum, name: str
+    ) -> tuple[Any, int]:
+        """Blob ``name`` of a blob-sequence point, read and validated (:func:`fmt.decode_blob`),
+        with its size in an answer (its JSON's bytes); :class:`fmt.FormatError` when the record
+        or TensorBoard cannot give it."""
+        fmt.check_blob_count(info, len(datum.values))
+        key = datum.values[info.fields["blobs"].index(name)].blob_key
+
+        def read() -> tuple[tuple[Any, int], int]:
+            try:
+                blob = self._provider.read_blob(ctx, blob_key=key)
+            except tb_errors.PublicError as err:
+                raise fmt.FormatError(_unreadable_blob(run, tag, datum.step, err)) from err
+            value = fmt.decode_blob(info, name, blob)
+            if name in fmt.PNG_BLOBS:
+                return (value, len(value)), len(value)
+            size = len(fmt.encode_json(value))
+            return (value, size), size * _JSON_COST
+
+        # By wall time too: a resumed run that writes a step again has the same blob key.
+        return self._blobs.get_or_make((key, datum.wall_time, name), read)
 
     def _anomalies_of(
-        self, ctx: Any, info: fmt.RecordInfo, datum: tb_provider.BlobSequenceDatum
-    ) -> list[dict[str, Any]] | fmt.FormatError:
-        """A snapshot's flags, or the FormatError that makes them unreadable (returned, not
-        raised, so that one bad snapshot does not hide the others)."""
-        if len(datum.values) != 1:
-            return fmt.FormatError(f"anomalies record has {len(datum.values)} blobs, expected 1")
-        key = (datum.values[0].blob_key, datum.wall_time)
-        with self._cache_lock:
-            if key in self._anomaly_cache:
-                self._anomaly_cache.move_to_end(key)
-                return self._anomaly_cache[key]
+        self, ctx: Any, run: str, tag: str, info: fmt.RecordInfo, datum: tb_provider.BlobSequenceDatum
+    ) -> tuple[list[dict[str, Any]], int] | fmt.FormatError:
+        """A snapshot's flags and the bytes of their JSON, or the FormatError that makes them
+        unreadable (returned, not raised, so that one bad snapshot does not hide the others)."""
         try:
-            flags = fmt.decode_blobs(info, [self._read(ctx, key[0])])["anomalies"]
+            return self._blob(ctx, run, tag, info, datum, "anomalies")
         except fmt.FormatError as err:
             return err
-        with self._cache_lock:
-            self._anomaly_cache[key] = flags
-            while len(self._anomaly_cache) > _CACHED_ANOMALY_RECORDS:
-                self._anomaly_cache.popitem(last=False)
-        return flags
 
     def _at_limit(self, data_class: int, count: int) -> bool:
         """Whether a series fills TensorBoard's reservoir, i.e. snapshots may have been dropped."""
         if self._hint == 0:
             return False
         return count in ((self._hint,) if self._hint else DEFAULT_LIMITS[data_class])
+
+
+def _decode_points(tag: str, info: fmt.RecordInfo, data: list[Any], unreadable: str | None) -> tuple[list, list[str]]:
+    """``([(step, decoded)], errors)`` of a tensor series; undecodable points become errors."""
+    points, errors = [], [unreadable] if unreadable else []
+    for datum in data:
+        try:
+            points.append((datum.step, fmt.decode_tensor(info, datum.numpy)))
+        except fmt.FormatError as err:
+            errors.append(f"{tag} at step {datum.step}: {err}")
+    return points, errors
+
+
+class _LRU:
+    """A thread-safe map that forgets its least recently used entries beyond a total cost.
+    :meth:`get_or_make` makes a missing value once: callers that ask for it meanwhile wait for
+    it rather than ask TensorBoard again, as ten dashboards opening a run at once would."""
+
+    def __init__(self, budget: int):
+        self._budget, self._cost = budget, 0
+        self._entries: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._making: dict[Any, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def get_or_make(self, key: Any, make: Callable[[], tuple[Any, int]]) -> Any:
+        """The value of ``key``, made by ``make() -> (value, cost)`` if missing."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry[0]
+            making = self._making.get(key)
+            if making is None:
+                self._making[key] = threading.Event()
+        if making is not None:  # another caller is making it
+            making.wait()
+            value = self.get(key)
+            if value is not None:
+                return value
+            value, cost = make()  # that caller failed, or the value was too big to keep
+            self.put(key, value, cost)
+            return value
+        try:
+            value, cost = make()
+            self.put(key, value, cost)
+            return value
+        finally:
+            with self._lock:
+                self._making.pop(key).set()
+
+    def put(self, key: Any, value: Any, cost: int) -> None:
+        if cost > self._budget:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            self._cost += cost - (old[1] if old else 0)
+            self._entries[key] = (value, cost)
+            while self._cost > self._budget:
+                self._cost -= self._entries.popitem(last=False)[1][1]
 
 
 def _figures(value: dict[str, Any]) -> dict[str, Any]:
@@ -453,6 +633,42 @@ def _integer(value: float | None) -> int | None:
 def _round(value: float | None) -> float | None:
     # Four decimals are finer than any colour step, and halve the heat map's payload.
     return None if value is None or value != value else round(value, 4)
+
+
+def _thin(items: list[Any], limit: int) -> list[Any]:
+    """At most ``limit`` of ``items``, evenly spread, the first and the last kept.
+
+    >>> _thin(list(range(10)), 4)
+    [0, 3, 6, 9]
+    """
+    if len(items) <= limit:
+        return items
+    if limit < 2:
+        return items[-1:]
+    return [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)]
+
+
+def _bounded(errors: list[str]) -> list[str]:
+    """An answer's ``errors``: at most :data:`MAX_ERRORS` messages, each clipped, then one
+    saying how many more there are."""
+    clipped = [_clip(error, _MAX_MESSAGE) for error in errors[:MAX_ERRORS]]
+    if len(errors) > MAX_ERRORS:
+        clipped.append(f"... and {len(errors) - MAX_ERRORS} more unreadable records")
+    return clipped
+
+
+def _unreadable_blob(run: str, tag: str, step: int, err: Exception) -> str:
+    """Why TensorBoard gave no blob; names the character when it is one its data server cannot
+    key, and what to rename."""
+    for what, name, fix in (
+        ("run", run, "rename the run's directory"),
+        ("tag", tag, "write the log again with a current kernelwatch, which escapes it in tags"),
+    ):
+        char = fmt.unkeyable(name)
+        if char is not None:
+            return (f"TensorBoard's data server cannot read the blobs of a {what} whose name holds {char!r} "
+                    f"(a quote, backslash or control character): {fix}")
+    return f"TensorBoard could not read a blob of {tag} at step {step}: {err}"
 
 
 def _at_step(series: list[tb_provider.BlobSequenceDatum], step: int | None, what: str) -> tb_provider.BlobSequenceDatum:
@@ -471,16 +687,30 @@ def _add_series(index: RunIndex, data_class: int, series: dict[str, Any]) -> Non
     for tag, meta in series.items():
         index.max_step = max(index.max_step, meta.max_step)
         index.last_update = max(index.last_update, meta.max_wall_time)
+        index.versions[tag] = (meta.max_step, meta.max_wall_time)
         try:
             info = fmt.parse_content(meta.plugin_content, data_class)
         except fmt.FormatError as err:
-            index.errors.append(f"{tag}: {err}")
+            index.errors.append(f"{_clip(tag)}: {err}")
             continue
         subject = info.kernel_size if info.kind == fmt.SPECTRUM else info.layer
-        index.tags[info.kind, subject, info.lens] = tag
+        key = (info.kind, subject, info.lens)
+        if key in index.tags:
+            # Two series of one record (hand-made, or an older writer's unescaped tag beside the
+            # current one): keep the one the current writer names.
+            kept, dropped = sorted((index.tags[key], tag), key=lambda t: t != fmt.make_tag(*key))
+            index.errors.append(f"{_clip(dropped)}: ignored, it holds the same records as {_clip(kept)}")
+            if kept != tag:
+                continue
+            del index.infos[dropped]
+        index.tags[key] = tag
         index.infos[tag] = info
         if info.order is not None and info.layer is not None:
             index.orders[info.layer] = info.order
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 #: Layers of logs that recorded no order (format version 1) come after ordered ones.

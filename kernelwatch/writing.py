@@ -54,12 +54,15 @@ class EventWriter:
 
     Raises :class:`KernelWatchError` naming the directory if it cannot be created or written
     (the file's first event is written here). Records are never held back in memory: each
-    write reaches the file before it returns.
+    write reaches the file before it returns. A ``log_dir`` whose path holds a character that
+    TensorBoard's data server cannot read back in a run name (``"``, ``\\``, a control
+    character) is refused: the dashboard could show none of its sprites, spectra or anomalies.
     """
 
     def __init__(self, log_dir: str | Path):
         self.log_dir = str(log_dir)
         self._closed = True  # until the file is open
+        _check_log_dir(self.log_dir)
         try:
             os.makedirs(self.log_dir, exist_ok=True)
             self._file = _EventFile(self.log_dir)
@@ -320,6 +323,26 @@ class _EventFile:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def _check_log_dir(log_dir: str) -> None:
+    """Refuse a directory that TensorBoard's default loader could list but not serve blobs of:
+    its run names are paths under ``--logdir``, and any directory of the path may become part of
+    one, so every directory of the absolute path is checked.
+
+    >>> _check_log_dir('runs/lr "0.1"')
+    Traceback (most recent call last):
+    ...
+    kernelwatch.errors.KernelWatchError: cannot log to 'runs/lr "0.1"': the directory name 'lr "0.1"' holds '"', which TensorBoard's data server cannot read back in a run name, so the KernelWatch tab would show no sprites, spectra or anomalies of this run. Rename that directory without quotes, backslashes or control characters.
+    """
+    for part in Path(os.path.abspath(log_dir)).parts:
+        char = fmt.unkeyable(part)
+        if char is not None:
+            raise KernelWatchError(
+                f"cannot log to {log_dir!r}: the directory name {part!r} holds {char!r}, which TensorBoard's data "
+                "server cannot read back in a run name, so the KernelWatch tab would show no sprites, spectra or "
+                "anomalies of this run. Rename that directory without quotes, backslashes or control characters."
+            )
 
 
 def _activation(report: LayerReport) -> np.ndarray:

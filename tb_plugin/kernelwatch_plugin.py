@@ -3,10 +3,15 @@
 Registered through the ``tensorboard_plugins`` entry point, so plain ``tensorboard --logdir``
 shows a "KernelWatch" tab. Imports no torch: only :mod:`kernelwatch.format` is shared with
 the writer.
+
+No route answers 5xx: missing data is a 404, bad arguments a 400, unreadable records are
+listed in ``errors`` (or a 422 for the one record a route serves), and anything unexpected is
+logged and answered as a 422 with its message. No JSON answer passes :data:`MAX_ANSWER_BYTES`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,11 @@ from kernelwatch.reading import MEASURES, NotFound, Reader
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: Only these files types are served from ``static/``; anything else is a 404.
 _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".txt": "text/plain"}
+#: The largest JSON answer; the reader bounds its views far below it, this is the last guard.
+MAX_ANSWER_BYTES = 1_000_000
+_MAX_MESSAGE = 1000
+
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[wrappers.Request], wrappers.Response]
 
@@ -75,13 +85,22 @@ class KernelWatchPlugin(base_plugin.TBPlugin):
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="KernelWatch")
 
     def _json_app(self, view: Callable[[wrappers.Request, Any, str], Any]) -> Handler:
+        def answer(request: wrappers.Request, ctx: Any, eid: str) -> bytes:
+            body = fmt.encode_json(view(request, ctx, eid))
+            if len(body) > MAX_ANSWER_BYTES:
+                logger.warning("kernelwatch: %s would answer %d bytes; refused", request.full_path, len(body))
+                raise _ClientError(
+                    f"this answer would be {len(body):,} bytes, over the plugin's limit of {MAX_ANSWER_BYTES:,}", 422
+                )
+            return body
+
         @wrappers.Request.application
         def app(request: wrappers.Request) -> wrappers.Response:
             try:
-                body, code = self._call(view, request), 200
+                body, code = self._call(answer, request), 200
             except _ClientError as err:
-                body, code = {"error": str(err)}, err.code
-            return http_util.Respond(request, fmt.encode_json(body), "application/json", code=code)
+                body, code = fmt.encode_json({"error": str(err)}), err.code
+            return http_util.Respond(request, body, "application/json", code=code)
 
         return app
 
@@ -103,17 +122,27 @@ class KernelWatchPlugin(base_plugin.TBPlugin):
         eid = plugin_util.experiment_id(request.environ)
         try:
             return view(request, ctx, eid)
+        except _ClientError:
+            raise
         except NotFound as err:
             raise _ClientError(str(err), 404) from err
         except fmt.FormatError as err:
             raise _ClientError(f"unreadable kernelwatch data: {err}", 422) from err
         except tb_errors.PublicError as err:
-            raise _ClientError(str(err), err.http_code) from err
+            raise _ClientError(str(err), err.http_code if 400 <= err.http_code < 500 else 422) from err
+        except Exception as err:  # the last guard: a bug or an unforeseen record never answers 500
+            logger.exception("kernelwatch: %s failed", request.full_path)
+            raise _ClientError(
+                f"KernelWatch could not answer this request ({type(err).__name__}: {err}); "
+                "TensorBoard's log has the details",
+                422,
+            ) from err
 
 
 class _ClientError(Exception):
     def __init__(self, message: str, code: int = 400):
-        super().__init__(message)
+        # Messages may quote the request's arguments or a record: keep them short.
+        super().__init__(message if len(message) <= _MAX_MESSAGE else message[: _MAX_MESSAGE - 3] + "...")
         self.code = code
 
 
@@ -156,7 +185,11 @@ def _static_app(fixed: str | None) -> Handler:
         name = fixed or request.path.split("/static/", 1)[-1]
         path = safe_join(str(STATIC_DIR), name)
         suffix = Path(name).suffix
-        if path is None or suffix not in _STATIC_TYPES or not Path(path).is_file():
+        try:
+            found = path is not None and suffix in _STATIC_TYPES and Path(path).is_file()
+        except (OSError, ValueError):  # a NUL or an overlong name
+            found = False
+        if not found:
             return http_util.Respond(request, "not found", "text/plain", code=404)
         # The vendored library is large; let the browser keep it.
         expires = 3600 if name.startswith("echarts") else 0

@@ -157,12 +157,20 @@ def test_decode_tensor_names_and_checks_shapes():
 
 
 def test_decode_blobs():
+    from kernelwatch.sprites import kernel_sprite
+
     sprite = fmt.parse_metadata(fmt.summary_metadata(fmt.SPRITE, "dw"))
-    assert fmt.decode_blobs(sprite, [b"\x89PNG", b'{"cells":[]}']) == {"png": b"\x89PNG", "layout": {"cells": []}}
+    png, layout = kernel_sprite(np.random.default_rng(0).standard_normal((4, 3, 3)), ["other"] * 4)
+    assert fmt.decode_blobs(sprite, [png, fmt.encode_json(layout)]) == {"png": png, "layout": layout}
+    # Validated, not just parsed: a truncated PNG signature and a layout lacking its keys are refused.
+    with pytest.raises(fmt.FormatError, match="not a PNG"):
+        fmt.decode_blobs(sprite, [b"\x89PNG", fmt.encode_json(layout)])
+    with pytest.raises(fmt.FormatError, match="lacks"):
+        fmt.decode_blobs(sprite, [png, b'{"cells":[]}'])
     with pytest.raises(fmt.FormatError, match="1 blobs, expected 2"):
-        fmt.decode_blobs(sprite, [b"\x89PNG"])
+        fmt.decode_blobs(sprite, [png])
     with pytest.raises(fmt.FormatError, match="invalid JSON"):
-        fmt.decode_blobs(sprite, [b"\x89PNG", b"{"])
+        fmt.decode_blobs(sprite, [png, b"{"])
     with pytest.raises(fmt.FormatError, match="not blob sequences"):
         fmt.decode_blobs(fmt.parse_metadata(fmt.summary_metadata(fmt.QUALITY, "c")), [b""])
 
