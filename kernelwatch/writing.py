@@ -20,16 +20,17 @@ import errno
 import itertools
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import google_crc32c
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.scalar import metadata as scalar_metadata
-from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
 from kernelwatch import format as fmt
@@ -68,7 +69,6 @@ class EventWriter:
             self._file = _EventFile(self.log_dir)
         except OSError as err:
             raise KernelWatchError(f"cannot write TensorBoard events to {self.log_dir!r}: {err}") from err
-        self._writer = RecordWriter(self._file)
         self._closed = False
         version = event_pb2.Event(
             wall_time=time.time(),
@@ -249,7 +249,7 @@ class EventWriter:
         if self._closed:
             raise KernelWatchError(f"this EventWriter for {self.log_dir!r} is closed")
         try:
-            self._writer.write(event.SerializeToString())
+            self._file.write(tf_record(event.SerializeToString()))
         except OSError as err:
             raise KernelWatchError(f"cannot write TensorBoard events to {self.log_dir!r}: {err}") from err
 
@@ -268,7 +268,7 @@ except ImportError:  # pragma: no cover - a TensorBoard without it
 
 
 class _EventFile:
-    """A new event file written with plain ``os.write`` calls, for :class:`RecordWriter`.
+    """A new event file written with plain ``os.write`` calls.
 
     One ``write`` per event. A write that fails (``ENOSPC``, ``EFBIG``, ``EIO``) first cuts the
     file back to the end of the last whole event, then raises: a full disk leaves no torn
@@ -323,6 +323,25 @@ class _EventFile:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def tf_record(data: bytes) -> bytes:
+    """``data`` framed as a TFRecord, as TensorBoard's loaders read event files: its length,
+    the length's masked CRC-32C, the data and the data's masked CRC-32C. (TensorBoard's own
+    writer computes the CRCs in pure Python without TensorFlow: most of a snapshot's CPU time.)
+
+    >>> from tensorboard.summary.writer.record_writer import RecordWriter
+    >>> import io; buffer = io.BytesIO(); RecordWriter(buffer).write(b"event")
+    >>> tf_record(b"event") == buffer.getvalue()
+    True
+    """
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _check_log_dir(log_dir: str) -> None:
