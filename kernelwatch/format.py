@@ -443,13 +443,23 @@ def check_anomalies(anomalies: Any) -> list[dict[str, Any]]:
 # The JSON blobs' schemas: the keys every writer wrote, with what each holds. A reader passes on
 # these keys only, colours only as "#rrggbb".
 _NUMBER, _NAME, _COLOUR = "number", "name", "colour"
+
+
+class _Optional(NamedTuple):
+    """A key a writer may leave out; its value may be null."""
+
+    schema: Any
+
+
 _RECT = {"x": _NUMBER, "y": _NUMBER, "width": _NUMBER, "height": _NUMBER}
 _CELL = {"x": _NUMBER, "y": _NUMBER, "index": _NUMBER, "label": _NAME}
+#: A sprite cell's kernel: its dissimilarity to the nearest prototype and that prototype's code.
+_KERNEL_DETAILS = {"dissimilarity": _Optional(_NUMBER), "code": _Optional(_NUMBER)}
 _GRID = dict.fromkeys(("width", "height", "kernel_size", "pixels_per_weight", "cell_size"), _NUMBER)
 SPRITE_LAYOUT: dict[str, Any] = {
     **_GRID,
     **dict.fromkeys(("gap", "columns", "n_kernels", "n_shown"), _NUMBER),
-    "cells": [_CELL],
+    "cells": [{**_CELL, **_KERNEL_DETAILS}],
     "groups": [{"label": _NAME, "colour": _COLOUR, "count": _NUMBER, "shown": _NUMBER, **_RECT}],
 }
 SPECTRUM_INFO: dict[str, Any] = {
@@ -478,6 +488,8 @@ def check_json(value: Any, schema: Any, where: str) -> Any:
     >>> check_json({"label": "on-centre", "colour": "url(x)", "extra": 1}, {"label": _NAME, "colour": _COLOUR}, "group")
     {'label': 'on-centre', 'colour': '#999999'}
     """
+    if isinstance(schema, _Optional):
+        return None if value is None else check_json(value, schema.schema, where)
     if schema == _COLOUR:
         return value if isinstance(value, str) and COLOUR.fullmatch(value) else FALLBACK_COLOUR
     if schema == _NUMBER:
@@ -496,10 +508,10 @@ def check_json(value: Any, schema: Any, where: str) -> Any:
         raise FormatError(f"{where} must be an object, got {_short(value)}")
     if _NAME in schema:
         return {check_json(k, _NAME, where): check_json(v, schema[_NAME], f"{where}[{k!r}]") for k, v in value.items()}
-    missing = [key for key in schema if key not in value]
+    missing = [key for key, sub in schema.items() if key not in value and not isinstance(sub, _Optional)]
     if missing:
         raise FormatError(f"{where} lacks {missing}")
-    return {key: check_json(value[key], sub, f"{where}.{key}") for key, sub in schema.items()}
+    return {key: check_json(value[key], sub, f"{where}.{key}") for key, sub in schema.items() if key in value}
 
 
 def check_blob_count(info: RecordInfo, count: int) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -103,6 +103,7 @@ def kernel_sprite(
     pixels_per_weight: int | None = None,
     gap: int = 3,
     band: int = 6,
+    details: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """A grid of a sample of ``[N, k, k]`` kernels, grouped by label; ``(png, layout)``.
 
@@ -112,11 +113,16 @@ def kernel_sprite(
     are shared in proportion to group size, picked evenly over channel order so successive
     snapshots show the same channels. ``layout`` gives the picture's size, each cell's ``x``,
     ``y``, source ``index`` and ``label``, and each group's band rectangle, colour and counts.
+    ``details`` adds per-kernel numbers to each cell under their names (``{"code": codes}``),
+    rounded to 4 decimals, None where not finite.
     """
     kernels = np.asarray(kernels)
     labels = np.asarray(labels, dtype=str)
     if kernels.ndim != 3 or kernels.shape[1] != kernels.shape[2] or len(labels) != len(kernels):
         raise KernelWatchError(f"need [N, k, k] kernels and N labels, got {kernels.shape} and {len(labels)} labels")
+    details = {name: np.asarray(values, dtype=np.float64) for name, values in (details or {}).items()}
+    if any(values.shape != (len(kernels),) for values in details.values()):
+        raise KernelWatchError(f"every sprite detail needs one number per kernel ({len(kernels)})")
     if max_kernels < 1 or columns < 1:
         raise KernelWatchError(f"max_kernels and columns must be >= 1, got {max_kernels} and {columns}")
     k = kernels.shape[1]
@@ -157,6 +163,7 @@ def kernel_sprite(
             cx, cy = left + (i % columns) * (cell + gap), y + (i // columns) * (cell + gap)
             canvas[cy : cy + cell, cx : cx + cell] = tile
             cells.append({"x": cx, "y": cy, "index": int(index), "label": str(labels[index])})
+            cells[-1].update({name: _rounded(values[index]) for name, values in details.items()})
         y += n_rows * (cell + gap)
     layout = {
         "width": width,
@@ -231,6 +238,10 @@ def spectrum_strip(
         "colours": {name: CLUSTER_COLOURS[name] for name in GROUPS if name in palette},
     }
     return encode_png(canvas), layout
+
+
+def _rounded(value: float) -> float | None:
+    return round(float(value), 4) if np.isfinite(value) else None
 
 
 def _families(labels: np.ndarray) -> np.ndarray:

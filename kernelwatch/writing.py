@@ -118,7 +118,8 @@ class EventWriter:
         if result is not None:
             values.append(self._tensor(fmt.CODE_HISTOGRAM, layer, _code_histogram(result), lens, order))
             if kernels is not None:
-                png, layout = kernel_sprite(_numpy(kernels), result.labels, max_kernels=max_kernels)
+                details = {"dissimilarity": result.dissimilarity, "code": result.codes}
+                png, layout = kernel_sprite(_numpy(kernels), result.labels, max_kernels=max_kernels, details=details)
                 values.append(self._blobs(fmt.SPRITE, layer, [png, fmt.encode_json(layout)], lens=lens, order=order))
         self._write(step, values)
 

@@ -158,3 +158,17 @@ def test_spectrum_strip_band_follows_the_code_axis():
         assert (drawn[::scale, ::scale] == colourise(prototypes[c["index"]])).all()
         # The band under a cell shows that cell's own label.
         assert (image[band["y"], c["x"] + cell // 2] == hex_rgb(CLUSTER_COLOURS[c["label"].split("/")[0]])).all()
+
+
+def test_sprite_cells_carry_per_kernel_details():
+    kernels, labels = patterns.generate_mixture(12, 5, rng=0)
+    codes = np.linspace(0.0, 1.0, 12)
+    dissimilarity = np.full(12, 0.123456)
+    dissimilarity[3] = np.nan  # an invalid kernel has none
+    _, layout = kernel_sprite(kernels, labels, max_kernels=8, details={"code": codes, "dissimilarity": dissimilarity})
+    for cell in layout["cells"]:
+        assert cell["code"] == round(codes[cell["index"]], 4)
+        assert cell["dissimilarity"] == (None if cell["index"] == 3 else 0.1235)
+    json.dumps(layout, allow_nan=False)
+    with pytest.raises(KernelWatchError, match="one number per kernel"):
+        kernel_sprite(kernels, labels, details={"code": codes[:5]})

@@ -1,15 +1,77 @@
 // KernelWatch dashboard: the ES module TensorBoard loads into the plugin's iframe.
 //
-// Every name from the log (runs, layers, messages) reaches the page through textContent or
-// canvas text only, never innerHTML; chart tooltips use ECharts' canvas ("richText") mode.
+// Every name from the log (runs, layers, labels, messages) reaches the page through
+// textContent, DOM properties or canvas text only, never innerHTML; chart tooltips use
+// ECharts' canvas ("richText") mode. Names are shown with control characters escaped
+// (`shown`), so a bidi override (U+202E) in a name cannot reverse what is displayed.
+//
+// Live: the page asks `runs` every POLL_MS (TensorBoard reloads its logs every 5 s by
+// default) and when TensorBoard says it reloaded, and redraws only the runs whose newest
+// record moved, keeping every selection and the scroll position. Paused while hidden.
 import * as echarts from "./static/echarts.esm.min.js";
 
 const BASE = new URL("./", import.meta.url);
 // Light enough to stand out on the dark end of the heat map.
 const SEVERITY_COLOURS = { info: "#8cd17d", warning: "#f28e2b", error: "#e15759" };
 const MAX_ANOMALY_ROWS = 200;
+/** TensorBoard's data reloads every 5 s by default (`--reload_interval`): ask at that pace. */
+const POLL_MS = 5000;
+const STORAGE_KEY = "kernelwatch.selection";
+const GREY = "#bab0ac";
 
-const state = { meta: null, run: null, layer: null, compare: "", step: null, cluster: "" };
+const LENS_LABELS = { weights: "weights", update: "update (W − W₀)" };
+const LENS_NOTE = "Update lens: the cumulative change W − W₀ of each kernel since the run's first snapshot, " +
+  "i.e. what training wrote into the kernels. The first snapshot has no update.";
+const NULL_NOTE = "Null: the same kernels with their weights spatially shuffled, the level chance alone gives. " +
+  "A median dissimilarity below its null means structure above chance.";
+
+const BLUES = ["#f7fbff", "#c6dbef", "#6baed6", "#2171b5", "#08306b"];
+// Orange below chance, white at chance, blue above: blue always means "more structure".
+const DIVERGING = ["#b35806", "#f1a340", "#fee0b6", "#f7f7f7", "#c6dbef", "#4292c6", "#08306b"];
+
+const ceilTo = (x, unit) => Math.ceil(x / unit - 1e-9) * unit;
+const floorTo = (x, unit) => Math.floor(x / unit + 1e-9) * unit;
+
+/** Heat-map measures: the backend measures each asks for, how they combine, colour scale, legend. */
+const MEASURES = {
+  clustered_fraction: {
+    label: "clustered fraction",
+    fields: ["clustered_fraction"],
+    value: ([fraction]) => fraction,
+    scale: () => ({ min: 0, max: 1, colours: BLUES, text: ["1: all clustered", "0"] }),
+    legend: "Share of the layer's kernels within the spectrum's threshold of a DoG pattern (the paper's " +
+      "measure). Darker: more clustered.",
+  },
+  median_dissimilarity: {
+    label: "median dissimilarity",
+    fields: ["median_dissimilarity"],
+    value: ([median]) => median,
+    scale: (lo, hi) => {
+      const min = Math.max(0, floorTo(lo, 0.1));
+      const max = Math.max(min + 0.1, ceilTo(hi, 0.1));
+      return { min, max, colours: [...BLUES].reverse(), text: [`${num(max)}: far from every pattern`, `${num(min)}: close`] };
+    },
+    legend: "Median 1 − cos between each kernel and its nearest DoG prototype. Darker: closer to the " +
+      "patterns. It falls long before kernels cross the clustering threshold.",
+  },
+  structure: {
+    label: "structure above chance",
+    fields: ["median_dissimilarity", "null_median_dissimilarity"],
+    value: ([median, nullMedian]) => nullMedian - median,
+    scale: (lo, hi) => {
+      const m = Math.max(0.05, ceilTo(Math.max(Math.abs(lo), Math.abs(hi)), 0.05));
+      return { min: -m, max: m, colours: DIVERGING, text: [`+${num(m)}: structured`, `−${num(m)}`] };
+    },
+    legend: "Null median dissimilarity minus median dissimilarity. Blue: the kernels are closer to the " +
+      "patterns than shuffled copies of themselves, i.e. structure above chance; white: chance level.",
+  },
+};
+
+const state = {
+  meta: null, run: null, layer: null, compare: "", lens: "weights", measure: "clustered_fraction",
+  step: null, // the sprite's snapshot; null follows the latest
+  cluster: "",
+};
 
 // -- DOM helpers ------------------------------------------------------------------------------
 
@@ -24,6 +86,20 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
+// C0/C1 controls, bidi embeddings, overrides, isolates and marks, zero-width characters.
+const INVISIBLE = /[\u0000-\u001f\u007f-\u009f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]/g;
+
+/** A name from the log as displayed: invisible and bidi control characters written as `\uXXXX`. */
+function shown(name) {
+  return String(name ?? "").replace(INVISIBLE, (c) => `\\u${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")}`);
+}
+
+/** A name inside running text, isolated so right-to-left letters in it cannot reorder its neighbours. */
+const nameNode = (name) => el("bdi", { className: "kw-name" }, shown(name));
+
+/** A colour from a log is used only if it is a plain `#rrggbb`. */
+const safeColour = (colour, fallback = GREY) => (typeof colour === "string" && /^#[0-9a-fA-F]{6}$/.test(colour) ? colour : fallback);
+
 function message(text, kind = "error") {
   return el("div", { className: `kw-message kw-${kind}`, role: kind === "error" ? "alert" : "status" }, text);
 }
@@ -31,36 +107,56 @@ function message(text, kind = "error") {
 /** Show a view's record errors (malformed or newer-version data) above it. */
 function errorList(errors) {
   if (!errors || !errors.length) return null;
-  const shown = errors.slice(0, 5).map((e) => el("li", {}, e));
-  if (errors.length > 5) shown.push(el("li", {}, `… and ${errors.length - 5} more`));
+  const shownErrors = errors.slice(0, 5).map((e) => el("li", {}, shown(e)));
+  if (errors.length > 5) shownErrors.push(el("li", {}, `… and ${errors.length - 5} more`));
   return el("div", { className: "kw-message kw-error", role: "alert" },
-    "Some KernelWatch records could not be read:", el("ul", {}, ...shown));
+    "Some KernelWatch records could not be read:", el("ul", {}, ...shownErrors));
 }
 
 function card(id, title) {
   const body = el("div", { className: "kw-body" });
   const heading = el("h2", {}, title);
-  const node = el("section", { className: "kw-card", id }, heading, body);
-  return { node, body, heading };
+  const controls = el("div", { className: "kw-card-controls" });
+  const node = el("section", { className: "kw-card", id }, heading, controls, body);
+  return { node, body, heading, controls };
 }
 
 async function getJSON(route, params = {}) {
   const url = new URL(route, BASE);
   for (const [key, value] of Object.entries(params)) if (value !== null && value !== undefined) url.searchParams.set(key, value);
-  const response = await fetch(url);
+  const response = await fetch(url, { cache: "no-store" });
   let body;
   try {
     body = await response.json();
   } catch {
-    throw new Error(`${route}: HTTP ${response.status}, not JSON`);
+    throw Object.assign(new Error(`${route}: HTTP ${response.status}, not JSON`), { status: response.status });
   }
-  if (!response.ok) throw new Error(body.error || `${route}: HTTP ${response.status}`);
+  if (!response.ok) throw Object.assign(new Error(body.error || `${route}: HTTP ${response.status}`), { status: response.status });
   return body;
 }
 
-function chart(node) {
-  const instance = echarts.getInstanceByDom(node) || echarts.init(node, null, { renderer: "canvas" });
-  return instance;
+/** The `.kw-chart` box of a view, reused across redraws so a live update does not flash. */
+function chartBox(node, height) {
+  const box = node.querySelector(":scope > .kw-chart") ?? el("div", { className: "kw-chart" });
+  box.style.height = `${height}px`;
+  return box;
+}
+
+/** The chart in a box that is in the document (ECharts measures it), sized to it. */
+function chartOf(box) {
+  const existing = echarts.getInstanceByDom(box);
+  if (existing) {
+    existing.resize();
+    return existing;
+  }
+  return echarts.init(box, null, { renderer: "canvas" });
+}
+
+/** Replace a view's content, disposing charts it drops. */
+function show(node, ...children) {
+  const before = [...node.querySelectorAll(".kw-chart")];
+  node.replaceChildren(...children.filter(Boolean));
+  for (const box of before) if (!box.isConnected) echarts.getInstanceByDom(box)?.dispose();
 }
 
 function family(label) {
@@ -68,7 +164,44 @@ function family(label) {
   return name in state.meta.colours ? name : "other";
 }
 
-const fixed = (x, digits = 3) => (x === null || x === undefined ? "n/a" : Number(x).toFixed(digits));
+const fixed = (x, digits = 3) => (x === null || x === undefined || !Number.isFinite(Number(x)) ? "n/a" : Number(x).toFixed(digits));
+/** A number with at most `digits` decimals and no trailing zeros (0.059999… → 0.06). */
+const num = (x, digits = 3) => (x === null || x === undefined || !Number.isFinite(Number(x)) ? "n/a" : String(Number(Number(x).toFixed(digits))));
+const integerTick = (v) => (Number.isInteger(v) ? String(v) : "");
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+/** A generation counter per view: answers to superseded requests are dropped. */
+const generations = {};
+function ticket(view) {
+  const n = (generations[view] ?? 0) + 1;
+  generations[view] = n;
+  return () => generations[view] === n;
+}
+
+// -- selection --------------------------------------------------------------------------------
+
+function saveSelection() {
+  const { run, layer, compare, lens, measure, step, cluster } = state;
+  try {
+    sessionStorage.setItem(STORAGE_KEY, JSON.stringify({ run, layer, compare, lens, measure, step, cluster }));
+  } catch {
+    // Storage may be disabled; the selection then lasts as long as the page.
+  }
+}
+
+function loadSelection() {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(STORAGE_KEY) ?? "{}");
+    return saved && typeof saved === "object" ? saved : {};
+  } catch {
+    return {};
+  }
+}
+
+const runOf = (name) => state.meta.runs.find((r) => r.run === name);
+const readableRuns = (meta) => meta.runs.filter((r) => r.layers.length || r.spectra.length || r.has_anomalies);
+const hasAnomalies = (run) => !!runOf(run)?.has_anomalies;
+const lensNote = () => (state.lens === "weights" ? null : el("p", { className: "kw-caption kw-lens-note" }, LENS_NOTE));
 
 // -- views ------------------------------------------------------------------------------------
 
@@ -89,41 +222,78 @@ function marksOf(data, anomalies) {
   return [...marks.values()];
 }
 
-/** 2. Layers x snapshots, coloured by clustered fraction; anomalies as triangles. */
-function drawHeatmap(node, data, anomalies, onPick) {
-  const marks = marksOf(data, anomalies);
-  node.replaceChildren();
-  const errors = errorList(data.errors);
-  if (errors) node.append(errors);
+/** A measure's layers x steps matrix, from one heatmap request per backend measure it needs. */
+async function loadHeatmap(run, lens, measureKey) {
+  const measure = MEASURES[measureKey];
+  const parts = await Promise.all(measure.fields.map((field) => getJSON("heatmap", { run, lens, measure: field })));
+  const [first] = parts;
+  const lookups = parts.map((part) => new Map(part.layers.map((layer, i) =>
+    [layer, new Map(part.steps.map((step, j) => [step, part.values[i][j]]))])));
+  const steps = [...new Set(parts.flatMap((part) => part.steps))].sort((a, b) => a - b);
+  const inputs = first.layers.map((layer) => steps.map((step) => lookups.map((lookup) => lookup.get(layer)?.get(step) ?? null)));
+  const values = inputs.map((row) => row.map((xs) => (xs.some((x) => x === null) ? null : measure.value(xs))));
+  return {
+    run, lens, measure: measureKey, layers: first.layers, steps, values, inputs,
+    sampled_layers: Math.max(...parts.map((part) => part.sampled_layers)),
+    errors: [...new Set(parts.flatMap((part) => part.errors))],
+  };
+}
+
+/** 1. Layers x snapshots, coloured by the chosen measure; anomalies as triangles. */
+function drawHeatmap(node, data, anomalies, onPick, { captions = true } = {}) {
+  const measure = MEASURES[data.measure];
+  const notes = [errorList(data.errors)];
   if (!data.layers.length) {
-    node.append(message("This run has no classified layers.", "info"));
+    const text = data.lens === "weights" ? "This run has no classified layers."
+      : "This run has no update-lens records yet. The update lens starts at a run's second snapshot, " +
+        "and logs written before format version 2 have none.";
+    show(node, ...notes, message(text, "info"));
     return;
   }
   if (data.sampled_layers) {
-    node.append(message(`${data.sampled_layers} layer(s) show a sample of their snapshots. ` +
+    notes.push(message(`${data.sampled_layers} layer(s) show a sample of their snapshots. ` +
       `Restart TensorBoard with ${state.meta.sampling.flag} to see all.`, "warning"));
   }
-  const height = Math.max(160, 16 * data.layers.length + 90);
-  const box = el("div", { className: "kw-chart" });
-  box.style.height = `${height}px`;
-  node.append(box);
-  const c = chart(box);
-  const stepLabels = data.steps.map(String);
+  const marks = marksOf(data, anomalies);
   const cells = data.values.flatMap((row, y) => row.flatMap((value, x) => (value === null ? [] : [[x, y, value]])));
+  const present = cells.map((c) => c[2]);
+  const scale = measure.scale(present.length ? Math.min(...present) : 0, present.length ? Math.max(...present) : 1);
+  if (!cells.length) notes.push(message(`No ${measure.label} in these records (logs before format version 2 lack the structure measures).`, "info"));
+  const box = chartBox(node, Math.max(160, 16 * data.layers.length + 96));
+  // Early in training the clustered fraction is ~0 everywhere while structure already shows.
+  const hint = data.measure === "clustered_fraction" && present.length && Math.max(...present) < 0.05
+    ? " Still near 0 everywhere: “structure above chance” shows structure long before kernels cluster." : "";
+  const caption = el("p", { className: "kw-caption" }, measure.legend, hint,
+    measure.fields.some((f) => f.startsWith("null")) ? ` ${NULL_NOTE}` : "",
+    marks.length ? " Triangles: anomaly flags, coloured by the most severe." : "");
+  show(node, ...notes, box, ...(captions ? [caption, lensNote()] : []));
+  const layerNames = data.layers.map(shown);
+  const stepLabels = data.steps.map(String);
+  const c = chartOf(box);
+  // `data-painted` appears once ECharts has drawn this data (it paints on an animation frame).
+  delete box.dataset.painted;
+  c.off("finished");
+  c.on("finished", () => { box.dataset.painted = "1"; });
   c.setOption({
     animation: false,
     tooltip: {
       renderMode: "richText",
-      formatter: (p) => p.seriesIndex === 0
-        ? `${data.layers[p.value[1]]}\nstep ${stepLabels[p.value[0]]}: clustered ${fixed(p.value[2])}`
-        : `${data.layers[p.value[1]]}\nstep ${stepLabels[p.value[0]]}: ${p.value[3]} anomal${p.value[3] === 1 ? "y" : "ies"} (${p.value[2]})`,
+      formatter: (p) => {
+        const [x, y] = p.value;
+        const where = `${layerNames[y]}\nstep ${stepLabels[x]}: `;
+        if (p.seriesIndex === 1) return `${where}${plural(p.value[3], "anomaly flag")} (${p.value[2]})`;
+        const inputs = data.inputs[y][x];
+        const detail = data.measure === "structure" ? `\nnull ${fixed(inputs[1])} − median ${fixed(inputs[0])}` : "";
+        return `${where}${measure.label} ${fixed(p.value[2])}${detail}`;
+      },
     },
-    grid: { left: 10, right: 20, top: 10, bottom: 70, containLabel: true },
+    grid: { left: 10, right: 20, top: 10, bottom: 76, containLabel: true },
     xAxis: { type: "category", data: stepLabels, name: "step", nameLocation: "middle", nameGap: 28, splitArea: { show: false } },
-    yAxis: { type: "category", data: data.layers, inverse: true, axisLabel: { width: 220, overflow: "truncate" } },
+    yAxis: { type: "category", data: layerNames, inverse: true, axisLabel: { width: 220, overflow: "truncate" } },
     visualMap: {
-      min: 0, max: 1, orient: "horizontal", left: "center", bottom: 0, itemHeight: 160, seriesIndex: 0,
-      text: ["clustered 1", "0"], inRange: { color: ["#f7fbff", "#9ecae1", "#2171b5", "#08306b"] },
+      type: "continuous", min: scale.min, max: scale.max, orient: "horizontal", left: "center", bottom: 0,
+      itemHeight: 180, seriesIndex: 0, text: scale.text, textStyle: { fontSize: 11 },
+      inRange: { color: scale.colours }, formatter: (v) => num(v, 2),
     },
     series: [
       { type: "heatmap", data: cells, progressive: 0 },
@@ -137,156 +307,309 @@ function drawHeatmap(node, data, anomalies, onPick) {
   }, true);
   c.off("click");
   c.on("click", (p) => onPick(data.layers[p.value[1]], data.steps[p.value[0]]));
-  box.dataset.cells = String(cells.length);
-  box.dataset.marks = String(marks.length);
+  Object.assign(box.dataset, {
+    cells: String(cells.length), marks: String(marks.length), steps: String(data.steps.length),
+    layerNames: JSON.stringify(data.layers), measure: data.measure, lens: data.lens,
+    digest: present.reduce((sum, v) => sum + v, 0).toFixed(4),
+  });
 }
 
-/** 1. Stacked areas of cluster proportions over snapshots; the top edge is the clustered fraction. */
-function drawTimeline(node, data) {
-  node.replaceChildren();
-  const errors = errorList(data.errors);
-  if (errors) node.append(errors);
+const hasValues = (values) => Array.isArray(values) && values.some((v) => v !== null && v !== undefined);
+
+/**
+ * 2. A layer over its snapshots: stacked cluster proportions (top edge = clustered fraction)
+ * with the null's clustered fraction; median dissimilarity and its null on an axis of their
+ * own; variance entropy (weights lens) on a third.
+ */
+function drawTimeline(node, data, { captions: withCaptions = true } = {}) {
+  const notes = [errorList(data.errors)];
   if (data.sampled && data.sampled.length) {
-    node.append(message(`Only a sample of this layer's snapshots is shown. Restart TensorBoard with ${state.meta.sampling.flag}.`, "warning"));
+    notes.push(message(`Only a sample of this layer's snapshots is shown. Restart TensorBoard with ${state.meta.sampling.flag}.`, "warning"));
   }
-  const proportions = data.proportions;
+  const { proportions, clustered_fraction: fraction, quality } = data;
   if (!proportions) {
-    node.append(message("This layer has no cluster proportions (quality metrics only).", "info"));
+    show(node, ...notes, message("This layer has no cluster proportions (quality metrics only).", "info"));
     return;
   }
-  const box = el("div", { className: "kw-chart" });
-  box.style.height = "360px";
-  node.append(box);
-  const quality = data.quality;
-  const series = Object.entries(proportions.series).map(([cluster, values]) => ({
-    name: cluster, type: "line", stack: "share", symbol: "none", areaStyle: { opacity: 0.85 },
-    lineStyle: { width: 0.5 }, color: state.meta.colours[cluster],
-    data: proportions.steps.map((step, i) => [step, values[i]]),
+  const figures = fraction?.series ?? {};
+  const pairs = (steps, values) => steps.map((step, i) => [step, values[i] ?? null]);
+  const structure = hasValues(figures.median_dissimilarity) || hasValues(figures.null_median_dissimilarity);
+  const entropy = quality && hasValues(quality.series.variance_entropy);
+  const allSteps = [proportions.steps, fraction?.steps ?? [], quality?.steps ?? []].flat();
+  if (!allSteps.length) {
+    show(node, ...notes, message("This layer has no snapshots yet.", "info"));
+    return;
+  }
+  const first = Math.min(...allSteps);
+  const last = Math.max(...allSteps);
+  const single = proportions.steps.length === 1;
+
+  // Grids stacked top to bottom, pixel heights; the step axis is labelled on the last only.
+  const panels = [{ height: 220, name: "share of kernels" }];
+  if (structure) panels.push({ height: 120, name: "median 1 − cos" });
+  if (entropy) panels.push({ height: 90, name: "var. entropy" });
+  let top = 28;
+  const grids = panels.map((panel, i) => {
+    const grid = { left: 62, right: 24, top, height: panel.height };
+    top += panel.height + (i === panels.length - 1 ? 0 : 34);
+    return grid;
+  });
+  const legendTop = top + 40;
+  const height = legendTop + 64;
+  const xAxes = grids.map((_, i) => ({
+    type: "value", gridIndex: i, min: first, max: last > first ? last : first + 1, minInterval: 1,
+    axisLabel: { show: i === grids.length - 1, formatter: integerTick, hideOverlap: true },
+    name: i === grids.length - 1 ? "step" : "", nameLocation: "middle", nameGap: 24,
   }));
-  if (quality) {
+  const axisName = (name) => ({ name, nameLocation: "middle", nameGap: 42, nameTextStyle: { fontSize: 11 } });
+  const yAxes = [
+    { type: "value", gridIndex: 0, min: 0, max: 1, ...axisName(panels[0].name) },
+  ];
+  const series = Object.entries(proportions.series).map(([cluster, values]) => ({
+    name: cluster, type: "line", stack: "share", symbol: single ? "circle" : "none", areaStyle: { opacity: 0.85 },
+    lineStyle: { width: 0.5 }, color: safeColour(state.meta.colours[cluster]), xAxisIndex: 0, yAxisIndex: 0,
+    data: pairs(proportions.steps, values),
+  }));
+  if (fraction && hasValues(figures.null_clustered_fraction)) {
     series.push({
-      name: "variance entropy", type: "line", symbol: "circle", symbolSize: 3, yAxisIndex: 0,
-      lineStyle: { type: "dashed", color: "#333" }, color: "#333",
-      data: quality.steps.map((step, i) => [step, quality.series.variance_entropy[i]]),
+      name: "null: clustered fraction", type: "line", symbol: "none", z: 4, xAxisIndex: 0, yAxisIndex: 0,
+      lineStyle: { type: "dashed", width: 1.5, color: "#212121" }, color: "#212121",
+      data: pairs(fraction.steps, figures.null_clustered_fraction),
     });
   }
-  chart(box).setOption({
+  if (structure) {
+    const index = yAxes.length;
+    yAxes.push({
+      type: "value", gridIndex: index, ...axisName(panels[index].name),
+      min: (v) => Math.max(0, floorTo(v.min - 0.02, 0.1)),
+      max: (v) => Math.max(floorTo(v.min - 0.02, 0.1) + 0.1, ceilTo(v.max + 0.02, 0.1)),
+      axisLabel: { formatter: (v) => num(v, 2) },
+    });
+    series.push({
+      name: "median dissimilarity", type: "line", symbol: "circle", symbolSize: 4, xAxisIndex: index, yAxisIndex: index,
+      lineStyle: { width: 2, color: "#08306b" }, color: "#08306b", data: pairs(fraction.steps, figures.median_dissimilarity),
+    }, {
+      name: "null: median dissimilarity", type: "line", symbol: "none", xAxisIndex: index, yAxisIndex: index,
+      lineStyle: { width: 1.5, type: "dashed", color: "#757575" }, color: "#757575",
+      data: pairs(fraction.steps, figures.null_median_dissimilarity),
+    });
+  }
+  if (entropy) {
+    const index = yAxes.length;
+    yAxes.push({
+      type: "value", gridIndex: index, min: 0, max: (v) => Math.max(1, ceilTo(v.max, 0.5)), interval: 0.5,
+      ...axisName(panels[index].name), axisLabel: { formatter: (v) => num(v, 2) },
+    });
+    series.push({
+      name: "variance entropy", type: "line", symbol: "circle", symbolSize: 3, xAxisIndex: index, yAxisIndex: index,
+      lineStyle: { color: "#6a3d9a" }, color: "#6a3d9a", data: pairs(quality.steps, quality.series.variance_entropy),
+    });
+  }
+  const box = chartBox(node, height);
+  const captions = [el("p", { className: "kw-caption" },
+    "Areas: each pattern family's share of the layer's kernels; their top edge is the clustered fraction.",
+    structure ? " Below: median dissimilarity, 1 − cos to the nearest DoG prototype (lower is closer to a pattern)." : "",
+    entropy ? " Bottom: variance entropy (about 0.9 for a healthy trained layer, 1 and above random-like, near 0 degenerate)." : "")];
+  if (structure || hasValues(figures.null_clustered_fraction)) captions.push(el("p", { className: "kw-caption" }, `Dashed: ${NULL_NOTE}`));
+  show(node, ...notes, box, ...(withCaptions ? captions : []));
+  chartOf(box).setOption({
     animation: false,
+    axisPointer: { link: [{ xAxisIndex: "all" }] },
     tooltip: {
       trigger: "axis", renderMode: "richText",
       formatter: (items) => [`step ${items[0].value[0]}`, ...items.map((p) => `${p.seriesName}: ${fixed(p.value[1])}`)].join("\n"),
     },
-    legend: { bottom: 0, itemWidth: 14, itemGap: 8, textStyle: { fontSize: 11 } },
-    grid: { left: 50, right: 20, top: 30, bottom: 84 },
-    xAxis: { type: "value", name: "step", nameLocation: "middle", nameGap: 24, min: "dataMin", max: "dataMax" },
-    yAxis: { type: "value", min: 0, max: (v) => Math.max(1, Math.ceil(v.max * 10) / 10), name: "share of kernels" },
+    legend: { top: legendTop, itemWidth: 14, itemGap: 8, textStyle: { fontSize: 11 } },
+    grid: grids,
+    xAxis: xAxes,
+    yAxis: yAxes,
     series,
   }, true);
-  box.dataset.points = String(proportions.steps.length);
+  Object.assign(box.dataset, {
+    points: String(proportions.steps.length), lens: data.lens ?? "weights", layer: data.layer,
+    series: series.map((s) => s.name).join("|"),
+  });
 }
 
-/** 3. A layer's kernels at one snapshot: slider over snapshots, cluster filter, legend. */
-async function drawSprite(node, run, layer) {
-  node.replaceChildren(message("Loading kernels…", "info"));
-  let data;
-  try {
-    data = await getJSON("sprite", { run, layer, step: state.step });
-  } catch (error) {
-    // A step the sprite series lacks (sampled or not written then): fall back to the latest.
-    try {
-      data = await getJSON("sprite", { run, layer });
-    } catch {
-      node.replaceChildren(message(`No kernel sprite: ${error.message}`, "info"));
-      return;
-    }
-  }
-  const { layout, steps } = data;
-  const scale = layout.cell_size < 32 ? 2 : 1.25;
-  const slider = el("input", { type: "range", min: 0, max: steps.length - 1, value: steps.indexOf(data.step), className: "kw-slider" });
-  const stepLabel = el("span", { className: "kw-step" }, `step ${data.step} (${steps.indexOf(data.step) + 1} of ${steps.length})`);
-  const filter = el("select", { className: "kw-filter", title: "Show one cluster" },
-    el("option", { value: "" }, "all clusters"),
-    ...layout.groups.map((g) => el("option", { value: g.label, selected: g.label === state.cluster }, `${g.label} (${g.shown}/${g.count})`)));
-  const image = el("img", { className: "kw-sprite", alt: `kernels of ${layer} at step ${data.step}`, width: layout.width * scale, height: layout.height * scale });
+/** The sprite card's controls, built once per card and updated in place, so a live update or a
+ * slider move never replaces the slider under the user's pointer. */
+const sprites = new WeakMap();
+
+function spriteParts(node) {
+  let parts = sprites.get(node);
+  if (parts) return parts;
+  const slider = el("input", { type: "range", min: 0, max: 0, value: 0, className: "kw-slider", title: "Snapshot" });
+  const stepLabel = el("span", { className: "kw-step" });
+  const filter = el("select", { className: "kw-filter", title: "Show one cluster" });
+  const caption = el("p", { className: "kw-caption" });
+  const image = el("img", { className: "kw-sprite" });
   const overlay = el("div", { className: "kw-overlay" });
   const frame = el("div", { className: "kw-sprite-frame" }, image, overlay);
+  const legend = el("ul", { className: "kw-legend" });
+  const hover = el("p", { className: "kw-hover kw-muted" }, "Hover a kernel for its channel and label.");
+  parts = { slider, stepLabel, filter, caption, image, overlay, frame, legend, hover, notes: el("div"), steps: [], cells: [], dragging: false, key: null };
+  const root = el("div", { className: "kw-sprite-view" }, parts.notes,
+    el("div", { className: "kw-controls" }, slider, stepLabel, filter), caption,
+    el("div", { className: "kw-sprite-row" }, el("div", {}, frame, hover), legend));
+  parts.root = root;
+  let timer = null;
+  const applyFilter = () => {
+    for (const [box, cell] of parts.cells) box.classList.toggle("kw-dim", !!state.cluster && family(cell.label) !== state.cluster);
+  };
+  parts.applyFilter = applyFilter;
+  filter.addEventListener("change", () => {
+    state.cluster = filter.value;
+    saveSelection();
+    applyFilter();
+  });
+  slider.addEventListener("pointerdown", () => { parts.dragging = true; });
+  const release = () => { parts.dragging = false; };
+  slider.addEventListener("pointerup", release);
+  slider.addEventListener("change", release);
+  slider.addEventListener("input", () => {
+    const i = Number(slider.value);
+    stepLabel.textContent = stepText(parts.steps, i);
+    clearTimeout(timer);
+    timer = setTimeout(() => {
+      state.step = i === parts.steps.length - 1 ? null : parts.steps[i];
+      saveSelection();
+      drawSprite(node);
+    }, 150);
+  });
+  sprites.set(node, parts);
+  return parts;
+}
+
+const stepText = (steps, i) => `step ${steps[i]} (${i + 1} of ${steps.length}${i === steps.length - 1 ? ", latest" : ""})`;
+
+/** 3. A layer's kernels at one snapshot: slider over snapshots, cluster filter, legend. */
+async function drawSprite(node) {
+  const current = ticket("sprite");
+  const { run, layer, lens } = state;
+  const parts = spriteParts(node);
+  // Another layer's picture stays until this one is ready, but no longer counts as loaded.
+  if (parts.frame.dataset.selection !== JSON.stringify([run, layer, lens])) delete parts.frame.dataset.loaded;
+  let data = null;
+  let failure = null;
+  try {
+    data = await getJSON("sprite", { run, layer, lens, step: state.step });
+  } catch (error) {
+    failure = error;
+    // A step the sprite series lacks (sampled, or not written then): fall back to the latest.
+    if (state.step !== null) data = await getJSON("sprite", { run, layer, lens }).catch(() => null);
+  }
+  if (!current()) return;
+  if (!data) {
+    parts.key = null;
+    show(node, message(`No kernel sprite: ${shown(failure.message)}`, "info"));
+    return;
+  }
+  const { layout, steps } = data;
+  const index = steps.indexOf(data.step);
+  // At the newest snapshot the card follows new ones.
+  if (index === steps.length - 1) state.step = null;
+  const key = JSON.stringify([run, layer, lens, data.step, steps]);
+  if (key === parts.key && parts.root.isConnected) return; // nothing new to show
+  const scale = layout.cell_size < 32 ? 2 : 1.25;
+  const url = new URL("sprite.png", BASE);
+  for (const [k, v] of Object.entries({ run, layer, step: data.step, lens })) url.searchParams.set(k, v);
+  // Load the picture before swapping it in, so the card never shows a blank frame.
+  const preload = new Image();
+  preload.src = url.href;
+  try {
+    await preload.decode();
+  } catch {
+    if (current()) {
+      parts.key = null;
+      show(node, message("The sprite image could not be loaded."));
+    }
+    return;
+  }
+  if (!current()) return;
+  parts.key = key;
+  parts.steps = steps;
+  const { slider, stepLabel, filter, caption, image, overlay, frame, legend, hover } = parts;
+  slider.max = String(steps.length - 1);
+  slider.disabled = steps.length < 2;
+  if (!parts.dragging) {
+    slider.value = String(index);
+    stepLabel.textContent = stepText(steps, index);
+  }
+  filter.replaceChildren(el("option", { value: "" }, "all clusters"),
+    ...layout.groups.map((g) => el("option", { value: g.label, selected: g.label === state.cluster }, `${shown(g.label)} (${g.shown}/${g.count})`)));
+  filter.value = layout.groups.some((g) => g.label === state.cluster) ? state.cluster : "";
+  const what = lens === "update" ? "update" : "kernel";
+  caption.textContent = `${layout.n_shown} of ${layout.n_kernels} kernels${lens === "update" ? " as their updates W − W₀ since the first snapshot" : ""}, ` +
+    `each ${what} scaled to its own max |w|: blue negative, white zero, red positive.`;
+  Object.assign(image, { alt: `${lens === "update" ? "updates" : "kernels"} of ${shown(layer)} at step ${data.step}`, src: url.href });
+  image.width = layout.width * scale;
+  image.height = layout.height * scale;
   frame.style.width = `${layout.width * scale}px`;
   frame.style.height = `${layout.height * scale}px`;
-  const cells = layout.cells.map((cell) => {
-    const box = el("div", { className: "kw-cell", title: `channel ${cell.index}: ${cell.label}` });
+  Object.assign(frame.dataset, { loaded: "1", step: String(data.step), layer, selection: JSON.stringify([run, layer, lens]) });
+  parts.cells = layout.cells.map((cell) => {
+    const details = [cell.dissimilarity !== undefined ? `1 − cos ${fixed(cell.dissimilarity)}` : null,
+      cell.code !== undefined ? `code ${fixed(cell.code)}` : null].filter(Boolean);
+    const text = `channel ${cell.index}: ${shown(cell.label)}${details.length ? ` · ${details.join(" · ")}` : ""}`;
+    const box = el("div", {
+      className: "kw-cell", title: text,
+      on: { mouseenter: () => { hover.textContent = text; } },
+    });
     Object.assign(box.style, {
       left: `${cell.x * scale}px`, top: `${cell.y * scale}px`,
       width: `${layout.cell_size * scale}px`, height: `${layout.cell_size * scale}px`,
     });
-    overlay.append(box);
     return [box, cell];
   });
-  const applyFilter = () => {
-    state.cluster = filter.value;
-    for (const [box, cell] of cells) box.classList.toggle("kw-dim", !!state.cluster && family(cell.label) !== state.cluster);
-  };
-  filter.addEventListener("change", applyFilter);
-  applyFilter();
-  const legend = el("ul", { className: "kw-legend" }, ...layout.groups.map((g) => {
+  overlay.replaceChildren(...parts.cells.map(([box]) => box));
+  parts.applyFilter();
+  legend.replaceChildren(...layout.groups.map((g) => {
     const swatch = el("span", { className: "kw-swatch" });
-    swatch.style.background = g.colour;
-    return el("li", {}, swatch, `${g.label}: ${g.count} kernel${g.count === 1 ? "" : "s"}${g.shown < g.count ? ` (${g.shown} shown)` : ""}`);
+    swatch.style.background = safeColour(g.colour, safeColour(state.meta.colours[family(g.label)]));
+    return el("li", {}, swatch, `${shown(g.label)}: ${plural(g.count, "kernel")}${g.shown < g.count ? ` (${g.shown} shown)` : ""}`);
   }));
-  let timer = null;
-  slider.addEventListener("input", () => {
-    const step = steps[Number(slider.value)];
-    stepLabel.textContent = `step ${step} (${Number(slider.value) + 1} of ${steps.length})`;
-    clearTimeout(timer);
-    timer = setTimeout(() => { state.step = step; drawSprite(node, run, layer); }, 150);
-  });
-  const url = new URL("sprite.png", BASE);
-  for (const [k, v] of Object.entries({ run, layer, step: data.step })) url.searchParams.set(k, v);
-  image.addEventListener("load", () => { frame.dataset.loaded = "1"; });
-  image.addEventListener("error", () => frame.replaceWith(message("The sprite image could not be loaded.")));
-  image.src = url.href;
-  const notes = [];
-  if (data.sampled) notes.push(message(`Only ${steps.length} sprites kept: TensorBoard sampled this series. Restart with ${state.meta.sampling.flag}.`, "warning"));
-  node.replaceChildren(...notes,
-    el("div", { className: "kw-controls" }, slider, stepLabel, filter),
-    el("p", { className: "kw-caption" }, `${layout.n_shown} of ${layout.n_kernels} kernels, each scaled to its own max |w|: blue negative, white zero, red positive.`),
-    el("div", { className: "kw-sprite-row" }, frame, legend));
+  parts.notes.replaceChildren(...(data.sampled
+    ? [message(`Only ${steps.length} sprites kept: TensorBoard sampled this series. Restart with ${state.meta.sampling.flag}.`, "warning")]
+    : []));
+  if (!parts.root.isConnected || node.firstChild !== parts.root) show(node, parts.root);
 }
 
 /** 4. Every anomaly flag, newest first, each linking to its layer. */
 function drawAnomalies(node, data, onPick) {
-  node.replaceChildren();
-  const errors = errorList(data.errors);
-  if (errors) node.append(errors);
-  if (data.sampled) node.append(message(`TensorBoard kept only ${data.checked_steps.length} anomaly records. Restart with ${state.meta.sampling.flag}.`, "warning"));
+  const scrolled = node.querySelector(".kw-table-wrap")?.scrollTop ?? 0;
+  const notes = [errorList(data.errors)];
+  if (data.sampled) notes.push(message(`TensorBoard kept only ${data.checked_steps.length} anomaly records. Restart with ${state.meta.sampling.flag}.`, "warning"));
   if (!data.anomalies.length) {
-    node.append(message(`No anomalies in ${data.checked_steps.length} checked snapshot(s).`, "info"));
+    show(node, ...notes, message(`No anomalies in ${plural(data.checked_steps.length, "checked snapshot")}.`, "info"));
     return;
   }
   const rows = data.anomalies.slice(0, MAX_ANOMALY_ROWS).map((a) => {
     const layer = a.layer === null
       ? el("span", { className: "kw-muted" }, "(run-wide)")
-      : el("button", { className: "kw-link", type: "button", on: { click: () => onPick(a.layer, a.step) } }, a.layer);
-    const numbers = Object.entries(a.numbers).map(([k, v]) => `${k}=${v === null ? "n/a" : typeof v === "number" ? +v.toPrecision(3) : v}`).join(", ");
+      : el("button", { className: "kw-link kw-name", type: "button", on: { click: () => onPick(a.layer, a.step) } }, shown(a.layer));
+    const numbers = Object.entries(a.numbers ?? {})
+      .map(([k, v]) => `${shown(k)}=${v === null ? "n/a" : typeof v === "number" ? +v.toPrecision(3) : shown(v)}`).join(", ");
     return el("tr", {},
       el("td", {}, String(a.step)),
-      el("td", {}, el("span", { className: `kw-badge kw-${a.severity}` }, a.severity)),
-      el("td", {}, layer), el("td", {}, a.kind), el("td", {}, a.message), el("td", { className: "kw-muted" }, numbers));
+      el("td", {}, el("span", { className: `kw-badge kw-${a.severity}` }, shown(a.severity))),
+      el("td", {}, layer), el("td", {}, nameNode(a.kind)), el("td", {}, nameNode(a.message)), el("td", { className: "kw-muted" }, numbers));
   });
-  node.append(el("div", { className: "kw-table-wrap" }, el("table", { className: "kw-table" },
+  const wrap = el("div", { className: "kw-table-wrap" }, el("table", { className: "kw-table" },
     el("thead", {}, el("tr", {}, ...["step", "severity", "layer", "kind", "message", "numbers"].map((h) => el("th", {}, h)))),
-    el("tbody", {}, ...rows))));
-  if (data.anomalies.length > MAX_ANOMALY_ROWS) node.append(message(`Showing the newest ${MAX_ANOMALY_ROWS} of ${data.anomalies.length}.`, "info"));
+    el("tbody", {}, ...rows)));
+  show(node, ...notes, wrap,
+    data.anomalies.length > MAX_ANOMALY_ROWS ? message(`Showing the newest ${MAX_ANOMALY_ROWS} of ${data.anomalies.length}.`, "info") : null);
+  wrap.scrollTop = scrolled;
 }
 
 /** 5. Each spectrum strip with its labelled intervals along the code axis. */
 function drawSpectra(node, run, data) {
-  node.replaceChildren();
-  const errors = errorList(data.errors);
-  if (errors) node.append(errors);
+  const notes = [errorList(data.errors)];
   if (!data.spectra.length) {
-    node.append(message("This run has no spectrum records.", "info"));
+    show(node, ...notes, message("This run has no spectrum records.", "info"));
     return;
   }
+  show(node, ...notes);
   for (const { kernel_size: k, info } of data.spectra) {
     const { strip } = info;
     const url = new URL("spectrum.png", BASE);
@@ -298,17 +621,18 @@ function drawSpectra(node, run, data) {
     // The strip is scaled to the card; the interval bar is aligned with the strip's band.
     const box = el("div", { className: "kw-chart" });
     box.style.height = "64px";
-    node.append(el("h3", {}, `${k}x${k} kernels — ${info.method}, ${info.n_codes} codes, threshold ${info.threshold}`),
+    const codes = Number.isFinite(Number(info.n_codes)) ? Number(info.n_codes).toLocaleString("en") : shown(info.n_codes);
+    node.append(el("h3", {}, `${k}x${k} kernels — ${shown(info.method)}, ${codes} codes, threshold ${num(info.threshold)} (1 − cos)`),
       image, box,
       el("p", { className: "kw-caption" }, "Prototypes along the code axis; the band and the bar below colour each stretch by pattern family."));
     const series = info.intervals.map((iv) => ({
-      type: "bar", stack: "code", name: iv.label, barWidth: 22,
-      color: state.meta.colours[family(iv.label)],
-      label: { show: iv.end - iv.start > 0.08, formatter: iv.label, fontSize: 10, overflow: "truncate" },
+      type: "bar", stack: "code", name: shown(iv.label), barWidth: 22,
+      color: safeColour(state.meta.colours[family(iv.label)]),
+      label: { show: iv.end - iv.start > 0.08, formatter: () => shown(iv.label), fontSize: 10, overflow: "truncate" },
       data: [iv.end - iv.start],
     }));
     const percent = (px) => `${(100 * px) / strip.width}%`;
-    chart(box).setOption({
+    chartOf(box).setOption({
       animation: false,
       tooltip: { renderMode: "richText", formatter: (p) => `${p.seriesName}\ncode ${fixed(info.intervals[p.seriesIndex].start)}–${fixed(info.intervals[p.seriesIndex].end)}` },
       grid: { left: percent(strip.band.x), right: percent(strip.width - strip.band.x - strip.band.width), top: 4, bottom: 28 },
@@ -326,145 +650,442 @@ const page = {};
 
 function select(options, value, onChange, label) {
   const node = el("select", { title: label, on: { change: () => onChange(node.value) } },
-    ...options.map(([v, text]) => el("option", { value: v, selected: v === value }, text)));
+    ...options.map(([v, text, props = {}]) => el("option", { value: v, selected: v === value, ...props }, text)));
   return el("label", { className: "kw-select" }, `${label} `, node);
 }
 
-function drawHeader() {
-  const run = state.meta.runs.find((r) => r.run === state.run);
-  const runOptions = state.meta.runs.map((r) => [r.run, r.run]);
-  const layers = run ? run.layers : [];
-  page.header.replaceChildren(
-    el("h1", {}, "KernelWatch"),
-    select(runOptions, state.run, (v) => { state.run = v; state.layer = null; state.step = null; refresh(); }, "Run"),
-    select(layers.map((l) => [l, l]), state.layer, (v) => pickLayer(v, null), "Layer"),
-    select([["", "(none)"], ...runOptions.filter(([v]) => v !== state.run)], state.compare,
-      (v) => { state.compare = v; drawCompare(); }, "Compare with"));
+/** What the header's options depend on: it is rebuilt only when this changes (a live update
+ * must not close a drop-down the user has open). */
+function headerKey() {
+  const run = runOf(state.run);
+  return JSON.stringify([state.meta.runs.map((r) => r.run), run?.layers, run?.lenses, state.run, state.layer, state.lens, state.compare]);
 }
 
-function pickLayer(layer, step) {
+function drawHeader() {
+  const run = runOf(state.run);
+  const runOptions = readableRuns(state.meta).map((r) => [r.run, shown(r.run)]);
+  const layers = run ? run.layers : [];
+  const lenses = state.meta.lenses ?? ["weights", "update"];
+  page.headerKey = headerKey();
+  page.header.replaceChildren(
+    el("h1", {}, "KernelWatch"),
+    select(runOptions, state.run, (v) => {
+      state.run = v;
+      state.layer = null;
+      state.step = null;
+      saveSelection();
+      refresh();
+    }, "Run"),
+    select(layers.map((l) => [l, shown(l)]), state.layer, (v) => pickLayer(v, null, { scroll: false }), "Layer"),
+    select(lenses.map((lens) => [lens, `${LENS_LABELS[lens] ?? lens}${run && !run.lenses.includes(lens) ? " (none in this run)" : ""}`]),
+      state.lens, (v) => {
+        state.lens = v;
+        saveSelection();
+        drawHeader();
+        drawLensViews();
+      }, "Lens"),
+    select([["", "(none)"], ...runOptions.filter(([v]) => v !== state.run)], state.compare, (v) => {
+      state.compare = v;
+      saveSelection();
+      drawHeader();
+      drawCompare();
+    }, "Compare with"),
+    page.live);
+}
+
+function drawLive(error = null) {
+  const run = runOf(state.run);
+  page.live.classList.toggle("kw-live-error", !!error);
+  if (error) {
+    page.live.textContent = `Live updates failing: ${shown(error.message)}`;
+    return;
+  }
+  if (!run) {
+    page.live.textContent = "Live · waiting for readable KernelWatch data";
+    return;
+  }
+  const when = run.updated ? new Date(run.updated * 1000).toLocaleTimeString() : "n/a";
+  page.live.textContent = `Live · newest record step ${run.max_step}, written ${when}`;
+  page.live.dataset.maxStep = String(run.max_step);
+}
+
+/** Open a layer (at a step: null follows the latest); from a heat-map cell or an anomaly, which
+ * lie away from the layer's views, also scroll to them. */
+function pickLayer(layer, step, { scroll = true } = {}) {
   state.layer = layer;
   state.step = step;
+  saveSelection();
   drawHeader();
   drawLayerViews();
   drawCompare();
-  page.timeline.node.scrollIntoView({ behavior: "smooth", block: "nearest" });
+  if (scroll) page.timeline.node.scrollIntoView({ behavior: "smooth", block: "nearest" });
 }
 
-async function guarded(target, work) {
+/** Run a view's work; an error becomes its message unless a newer request superseded it. */
+async function guarded(target, current, work) {
   try {
     await work();
   } catch (error) {
-    target.replaceChildren(message(error.message));
+    if (!current()) return;
+    // A lens or layer without records is a state, not a failure.
+    show(target, message(shown(error.message), error.status === 404 ? "info" : "error"));
   }
 }
 
+/** The measure selector (built once, so a live redraw never closes it) and the card's title. */
+function drawHeatmapControls() {
+  if (!page.heatmap.controls.firstChild) {
+    page.heatmap.controls.append(select(Object.entries(MEASURES).map(([key, m]) => [key, m.label]), state.measure, (v) => {
+      state.measure = v;
+      saveSelection();
+      drawMainHeatmap();
+      drawCompare();
+    }, "Measure"));
+  }
+  page.heatmap.controls.querySelector("select").value = state.measure;
+  const lens = state.lens === "weights" ? "" : `, ${state.lens} lens`;
+  page.heatmap.heading.textContent = `Layers × snapshots — ${MEASURES[state.measure].label}${lens} (click a cell to open the layer)`;
+}
+
+async function drawMainHeatmap() {
+  const current = ticket("heatmap");
+  const { run, lens, measure } = state;
+  drawHeatmapControls();
+  await guarded(page.heatmap.body, current, async () => {
+    const [data, anomalies] = await Promise.all([loadHeatmap(run, lens, measure), anomaliesOf(run).catch(() => null)]);
+    if (current()) drawHeatmap(page.heatmap.body, data, anomalies, pickLayer);
+  });
+}
+
+/** The anomalies of a run, one request shared by the list and the heat maps' marks. */
+let anomalyRequest = null;
+function anomaliesOf(run) {
+  if (!hasAnomalies(run)) return Promise.resolve(null);
+  if (!anomalyRequest || anomalyRequest.run !== run || anomalyRequest.signature !== runSignature(runOf(run))) {
+    const promise = getJSON("anomalies", { run });
+    promise.catch(() => null); // handled by each caller
+    anomalyRequest = { run, signature: runSignature(runOf(run)), promise };
+  }
+  return anomalyRequest.promise;
+}
+
 async function drawLayerViews() {
-  const { run, layer } = state;
-  page.timeline.heading.textContent = `Cluster timeline — ${layer ?? ""}`;
-  page.sprite.heading.textContent = `Kernels — ${layer ?? ""}`;
+  const { run, layer, lens } = state;
+  const suffix = lens === "weights" ? "" : ` · ${lens} lens`;
+  page.timeline.heading.replaceChildren("Cluster timeline — ", nameNode(layer ?? ""), suffix);
+  page.sprite.heading.replaceChildren(lens === "weights" ? "Kernels — " : "Kernel updates — ", nameNode(layer ?? ""), suffix);
   if (!layer) {
-    page.timeline.body.replaceChildren(message("Pick a layer.", "info"));
-    page.sprite.body.replaceChildren();
+    ticket("timeline");
+    ticket("sprite");
+    show(page.timeline.body, message("Pick a layer.", "info"));
+    show(page.sprite.body);
     return;
   }
+  const current = ticket("timeline");
   await Promise.all([
-    guarded(page.timeline.body, async () => drawTimeline(page.timeline.body, await getJSON("timeline", { run, layer }))),
-    guarded(page.sprite.body, () => drawSprite(page.sprite.body, run, layer)),
+    guarded(page.timeline.body, current, async () => {
+      const data = await getJSON("timeline", { run, layer, lens });
+      if (current()) drawTimeline(page.timeline.body, data);
+    }),
+    guarded(page.sprite.body, () => true, () => drawSprite(page.sprite.body)),
   ]);
 }
 
 /** 6. Two runs side by side: the same layer's timeline and each run's heat map. */
 async function drawCompare() {
   const { body, node } = page.compare;
+  const current = ticket("compare");
   node.hidden = !state.compare;
-  if (!state.compare) return;
-  page.compare.heading.textContent = `Side by side — ${state.run} | ${state.compare}`;
-  const columns = [state.run, state.compare].map((run) => {
-    const timeline = el("div", { className: "kw-compare-timeline" });
-    const heatmap = el("div", { className: "kw-compare-heatmap" });
-    return { run, timeline, heatmap, node: el("div", { className: "kw-column" }, el("h3", {}, run), timeline, heatmap) };
-  });
-  body.replaceChildren(el("div", { className: "kw-columns" }, ...columns.map((c) => c.node)));
+  if (!state.compare) {
+    show(body);
+    return;
+  }
+  page.compare.heading.replaceChildren("Side by side — ", nameNode(state.run), " | ", nameNode(state.compare));
+  // Reuse the columns (and their charts) when the same two runs are shown again.
+  const key = JSON.stringify([state.run, state.compare]);
+  if (body.dataset.key !== key || !body.querySelector(".kw-columns")) {
+    body.dataset.key = key;
+    show(body, el("div", { className: "kw-columns" }, ...[state.run, state.compare].map((run) => el("div", { className: "kw-column" },
+      el("h3", {}, nameNode(run)), el("div", { className: "kw-compare-timeline" }), el("div", { className: "kw-compare-heatmap" })))));
+  }
+  const columns = [...body.querySelectorAll(".kw-column")].map((column, i) => ({
+    run: [state.run, state.compare][i],
+    timeline: column.querySelector(".kw-compare-timeline"),
+    heatmap: column.querySelector(".kw-compare-heatmap"),
+  }));
+  const { layer, lens, measure } = state;
   await Promise.all(columns.flatMap(({ run, timeline, heatmap }) => [
-    guarded(timeline, async () => {
-      const layers = state.meta.runs.find((r) => r.run === run)?.layers ?? [];
-      if (!layers.includes(state.layer)) {
-        timeline.replaceChildren(message(`Run ${run} has no layer ${state.layer ?? "(none picked)"}.`, "info"));
+    guarded(timeline, current, async () => {
+      const layers = runOf(run)?.layers ?? [];
+      if (!layers.includes(layer)) {
+        show(timeline, message(`Run ${shown(run)} has no layer ${layer === null ? "(none picked)" : shown(layer)}.`, "info"));
         return;
       }
-      drawTimeline(timeline, await getJSON("timeline", { run, layer: state.layer }));
+      const data = await getJSON("timeline", { run, layer, lens });
+      if (current()) drawTimeline(timeline, data, { captions: false });
     }),
-    guarded(heatmap, async () => {
-      const anomalies = hasAnomalies(run) ? getJSON("anomalies", { run }).catch(() => null) : null;
-      drawHeatmap(heatmap, await getJSON("heatmap", { run }), await anomalies, pickLayer);
+    guarded(heatmap, current, async () => {
+      const [data, anomalies] = await Promise.all([loadHeatmap(run, lens, measure),
+        hasAnomalies(run) ? getJSON("anomalies", { run }).catch(() => null) : null]);
+      if (current()) drawHeatmap(heatmap, data, anomalies, pickLayer, { captions: false });
     }),
   ]));
 }
 
-const hasAnomalies = (run) => !!state.meta.runs.find((r) => r.run === run)?.has_anomalies;
+/** The lens changed: everything that shows a lens. */
+function drawLensViews() {
+  drawMainHeatmap();
+  drawLayerViews();
+  drawCompare();
+}
 
-async function refresh() {
-  const run = state.meta.runs.find((r) => r.run === state.run);
+async function drawAnomalyList() {
+  const current = ticket("anomalies");
+  const run = state.run;
+  await guarded(page.anomalies.body, current, async () => {
+    const data = await anomaliesOf(run);
+    if (!current()) return;
+    if (data) drawAnomalies(page.anomalies.body, data, pickLayer);
+    else show(page.anomalies.body, message("This run has no anomaly records.", "info"));
+  });
+}
+
+async function drawSpectrumCard() {
+  const current = ticket("spectrum");
+  const run = state.run;
+  page.spectrumKey = JSON.stringify([run, runOf(run)?.spectra]);
+  await guarded(page.spectrum.body, current, async () => {
+    const data = await getJSON("spectrum", { run });
+    if (current()) drawSpectra(page.spectrum.body, run, data);
+  });
+}
+
+/** Draw every view of the selected run; `live` redraws in place, keeping heights while it works. */
+async function refresh({ live = false } = {}) {
+  const run = runOf(state.run);
+  if (!run) return;
   if (!state.layer || !run.layers.includes(state.layer)) state.layer = run.layers[0] ?? null;
-  drawHeader();
-  page.notes.replaceChildren();
-  const errors = errorList(run.errors);
-  if (errors) page.notes.append(errors);
-  // One anomalies request feeds both the list and the heat map's marks.
-  const anomalies = run.has_anomalies ? getJSON("anomalies", { run: state.run }) : Promise.resolve(null);
-  await Promise.all([
-    guarded(page.heatmap.body, async () => drawHeatmap(page.heatmap.body, await getJSON("heatmap", { run: state.run }),
-      await anomalies.catch(() => null), pickLayer)),
+  if (!live || page.headerKey !== headerKey()) drawHeader();
+  drawLive();
+  show(page.notes, errorList(run.errors));
+  const spectrumKey = JSON.stringify([state.run, run.spectra]);
+  const work = () => Promise.all([
+    drawMainHeatmap(),
     drawLayerViews(),
-    guarded(page.anomalies.body, async () => {
-      const data = await anomalies;
-      if (data) drawAnomalies(page.anomalies.body, data, pickLayer);
-      else page.anomalies.body.replaceChildren(message("This run has no anomaly records.", "info"));
-    }),
-    guarded(page.spectrum.body, async () => drawSpectra(page.spectrum.body, state.run, await getJSON("spectrum", { run: state.run }))),
+    drawAnomalyList(),
+    !live || page.spectrumKey !== spectrumKey ? drawSpectrumCard() : null,
     drawCompare(),
   ]);
+  await (live ? keepingView(work) : work());
+}
+
+/**
+ * Redraw without moving what the reader looks at: each card keeps its height while it
+ * redraws, and the card at the top of the view is put back where it was (content above it,
+ * such as a heat map with a new layer, may have grown).
+ */
+async function keepingView(work) {
+  const cards = [...document.querySelectorAll(".kw-card")].filter((card) => card.offsetParent !== null);
+  const anchor = cards.find((card) => card.getBoundingClientRect().bottom > 0);
+  const top = anchor?.getBoundingClientRect().top;
+  const bodies = cards.map((card) => card.querySelector(":scope > .kw-body"));
+  for (const body of bodies) body.style.minHeight = `${body.getBoundingClientRect().height}px`;
+  try {
+    await work();
+  } finally {
+    for (const body of bodies) body.style.minHeight = "";
+    const moved = anchor ? anchor.getBoundingClientRect().top - top : 0;
+    if (Math.abs(moved) >= 1) window.scrollBy(0, moved);
+  }
+}
+
+// -- live updates -----------------------------------------------------------------------------
+
+/** What makes a run worth redrawing: a new record, a new layer or lens, new errors. */
+const runSignature = (run) => (run ? JSON.stringify([run.max_step, run.updated, run.layers, run.lenses, run.spectra, run.has_anomalies, run.errors]) : "");
+
+let pollTimer = null;
+let polling = null;
+let reloads = 0; // times TensorBoard said it reloaded its data
+
+function schedulePoll() {
+  clearTimeout(pollTimer);
+  if (!document.hidden) pollTimer = setTimeout(poll, POLL_MS);
+}
+
+/** Ask `runs` and redraw what moved. One at a time; not while the page is hidden. */
+function poll() {
+  if (document.hidden || !page.polls) return Promise.resolve();
+  if (!polling) {
+    polling = pollOnce()
+      .catch((error) => drawLive(error))
+      .finally(() => {
+        polling = null;
+        schedulePoll();
+      });
+  }
+  return polling;
+}
+
+async function pollOnce() {
+  const before = state.meta;
+  const meta = await getJSON("runs");
+  state.meta = meta;
+  drawSampling();
+  if (!page.started) {
+    await start();
+    return;
+  }
+  if (!runOf(state.run)) {
+    // The selected run went away (its logs were moved): open the freshest one.
+    state.run = defaultRun();
+    state.layer = null;
+    state.step = null;
+    if (!state.run) {
+      showEmpty();
+      return;
+    }
+    await refresh();
+    return;
+  }
+  if (state.compare && !runOf(state.compare)) {
+    state.compare = "";
+    drawCompare();
+  }
+  const old = new Map((before?.runs ?? []).map((r) => [r.run, runSignature(r)]));
+  const moved = new Set(meta.runs.filter((r) => old.get(r.run) !== runSignature(r)).map((r) => r.run));
+  if (page.headerKey !== headerKey()) drawHeader();
+  drawLive();
+  if (moved.has(state.run)) await refresh({ live: true });
+  else if (state.compare && moved.has(state.compare)) await keepingView(drawCompare);
+}
+
+/** TensorBoard's host page tells plugin iframes when it reloaded its data (its reload button and
+ * its periodic reload). Ask for that over the plugin message channel; polling works without it. */
+function listenToTensorBoard() {
+  if (window.parent === window || typeof MessageChannel === "undefined") return;
+  const channel = new MessageChannel();
+  channel.port1.onmessage = (event) => {
+    let msg;
+    try {
+      msg = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    if (!msg || typeof msg !== "object" || msg.isReply) return;
+    if (msg.type === "experimental.DataReloaded") {
+      reloads += 1;
+      document.body.dataset.tensorboardReloads = String(reloads);
+      poll();
+    } else if (msg.type === "experimental.RunsChanged" && page.started) {
+      poll();
+    }
+    // The host waits for a reply to every message it sends.
+    channel.port1.postMessage(JSON.stringify({ type: msg.type, id: msg.id, payload: null, error: null, isReply: true }));
+  };
+  try {
+    window.parent.postMessage("experimental.bootstrap", window.location.origin, [channel.port2]);
+  } catch {
+    // A host on another origin: polling alone.
+  }
+}
+
+// -- start ------------------------------------------------------------------------------------
+
+function drawSampling() {
+  const flag = state.meta.sampling.flag;
+  const key = JSON.stringify(state.meta.sampling);
+  if (page.samplingKey === key) return;
+  page.samplingKey = key;
+  show(page.sampling, state.meta.sampling.keeps_all ? null : message(
+    `TensorBoard keeps only a sample of each KernelWatch series (by default 10 sprites and anomaly records, ` +
+    `100 points per figure). Start it with ${flag} to see every snapshot.`, "warning"));
+}
+
+/** The run to open with no selection: the one written to most recently. */
+function defaultRun() {
+  const readable = readableRuns(state.meta);
+  if (!readable.length) return null;
+  return readable.reduce((best, r) => ((r.updated ?? 0) > (best.updated ?? 0) ? r : best)).run;
+}
+
+function showEmpty() {
+  page.started = false;
+  page.main.hidden = true;
+  const problems = state.meta.runs.flatMap((r) => r.errors.map((e) => `${r.run}: ${e}`));
+  drawLive();
+  // Polls repeat this: redraw only when it changed, so what the reader looks at stays put.
+  const key = JSON.stringify([state.meta.runs.length, problems]);
+  if (page.emptyKey === key && !page.empty.hidden) return;
+  page.emptyKey = key;
+  page.header.replaceChildren(el("h1", {}, "KernelWatch"), page.live);
+  show(page.empty, message(state.meta.runs.length ? "No readable KernelWatch data in this log directory."
+    : "No KernelWatch data in this log directory yet. This page shows runs as soon as TensorBoard loads them."),
+  errorList(problems));
+  page.empty.hidden = false;
+  document.body.dataset.empty = "1";
+}
+
+async function start() {
+  const readable = readableRuns(state.meta);
+  if (!readable.length) {
+    showEmpty();
+    return;
+  }
+  page.started = true;
+  page.main.hidden = false;
+  page.empty.hidden = true;
+  delete document.body.dataset.empty;
+  const saved = loadSelection();
+  const names = new Set(readable.map((r) => r.run));
+  if (!names.has(state.run)) {
+    if (names.has(saved.run)) Object.assign(state, saved, { compare: names.has(saved.compare) ? saved.compare : "" });
+    else state.run = defaultRun();
+  }
+  if (!(state.measure in MEASURES)) state.measure = "clustered_fraction";
+  if (!(state.meta.lenses ?? ["weights"]).includes(state.lens)) state.lens = "weights";
+  await refresh();
+  document.body.dataset.ready = "1";
 }
 
 export async function render() {
   document.head.append(el("link", { rel: "stylesheet", href: new URL("static/style.css", BASE).href }));
   document.body.className = "kw";
   page.header = el("header", { className: "kw-header" });
+  page.live = el("span", { className: "kw-live", role: "status", title: `Checks for new snapshots every ${POLL_MS / 1000} s, and whenever TensorBoard reloads; paused while this tab is hidden.` });
   page.sampling = el("div");
   page.notes = el("div");
-  page.heatmap = card("kw-heatmap", "Layers × snapshots — clustered fraction (click a cell to open the layer)");
+  page.empty = el("div");
+  page.heatmap = card("kw-heatmap", "Layers × snapshots");
   page.timeline = card("kw-timeline", "Cluster timeline");
   page.sprite = card("kw-sprite", "Kernels");
   page.anomalies = card("kw-anomalies", "Anomalies");
   page.spectrum = card("kw-spectrum", "Spectrum");
   page.compare = card("kw-compare", "Side by side");
   page.compare.node.hidden = true;
-  const main = el("main", { className: "kw-grid" }, page.heatmap.node,
+  page.main = el("main", { className: "kw-grid" }, page.heatmap.node,
     el("div", { className: "kw-pair" }, page.timeline.node, page.sprite.node),
     page.compare.node,
     el("div", { className: "kw-pair" }, page.anomalies.node, page.spectrum.node));
-  document.body.replaceChildren(page.header, page.sampling, page.notes, main);
+  page.main.hidden = true;
+  page.header.append(el("h1", {}, "KernelWatch"), page.live);
+  document.body.replaceChildren(page.header, page.sampling, page.notes, page.empty, page.main);
   window.addEventListener("resize", () => document.querySelectorAll(".kw-chart").forEach((n) => echarts.getInstanceByDom(n)?.resize()));
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) clearTimeout(pollTimer);
+    else poll();
+  });
+  listenToTensorBoard();
   try {
     state.meta = await getJSON("runs");
   } catch (error) {
-    document.body.replaceChildren(message(`KernelWatch could not load its runs: ${error.message}`));
+    show(page.empty, message(`KernelWatch could not load its runs: ${shown(error.message)}`));
+    page.polls = true;
+    schedulePoll();
     return;
   }
-  if (!state.meta.sampling.keeps_all) {
-    page.sampling.append(message(
-      `TensorBoard keeps only a sample of each KernelWatch series (by default 10 sprites and anomaly records, ` +
-      `100 points per figure). Start it with ${state.meta.sampling.flag} to see every snapshot.`, "warning"));
-  }
-  const readable = state.meta.runs.filter((r) => r.layers.length || r.spectra.length || r.has_anomalies);
-  if (!readable.length) {
-    const problems = state.meta.runs.flatMap((r) => r.errors.map((e) => `${r.run}: ${e}`));
-    document.body.replaceChildren(el("header", { className: "kw-header" }, el("h1", {}, "KernelWatch")),
-      page.sampling, message("No readable KernelWatch data in this log directory."), errorList(problems) ?? "");
-    return;
-  }
-  state.run = readable[0].run;
-  await refresh();
-  document.body.dataset.ready = "1";
+  drawSampling();
+  await start();
+  page.polls = true; // from now on TensorBoard's reloads, visibility and the timer may poll
+  schedulePoll();
 }
