@@ -26,28 +26,39 @@ from kernelwatch.errors import KernelWatchError
 _TIMM_LOCAL_SOURCE = "local-dir"
 
 
-def _load_target(target: str, weights: str | None) -> Any:
-    """A checkpoint path, or ``timm:NAME`` built without downloading anything."""
-    # Inputs are checked before torch and timm are imported (seconds), so that mistakes are refused at once.
-    if not target.startswith("timm:"):
-        if weights:
-            raise KernelWatchError("--weights only goes with a timm:NAME target")
-        check_checkpoint_file(target)
-        return target
-    name = target[len("timm:") :]
-    _check_timm_name(name)
-    if weights is not None:
-        check_checkpoint_file(weights)
-    model = _build_timm_model(name)
-    if weights is None:
-        print(
-            f"note: {name} is randomly initialised (kernelwatch never downloads weights; "
-            "pass --weights FILE for trained ones)",
-            file=sys.stderr,
-        )
-        return model
-    _load_weights(model, name, weights)
-    return model
+def _load_targets(targets: list[str], weights: list[str]) -> Iterator[tuple[str, Any]]:
+    """``(name, checkpoint)`` for each checkpoint to analyse: a path, or a ``timm:NAME`` model
+    (once per ``--weights`` file), loaded only when its turn comes. Every input is checked
+    first, before torch and timm are imported (seconds), so that mistakes are refused at once."""
+    if weights and (len(targets) > 1 or not targets[0].startswith("timm:")):
+        raise KernelWatchError("--weights only goes with a timm:NAME target (one, with one or more --weights)")
+    for target in targets:
+        if target.startswith("timm:"):
+            _check_timm_name(target[len("timm:") :])
+        else:
+            check_checkpoint_file(target)
+    for path in weights:
+        check_checkpoint_file(path)
+    return _loaded_targets(targets, weights)
+
+
+def _loaded_targets(targets: list[str], weights: list[str]) -> Iterator[tuple[str, Any]]:
+    for target in targets:
+        if not target.startswith("timm:"):
+            yield target, target
+            continue
+        name = target[len("timm:") :]
+        model = _build_timm_model(name)
+        if not weights:
+            print(
+                f"note: {name} is randomly initialised (kernelwatch never downloads weights; "
+                "pass --weights FILE for trained ones)",
+                file=sys.stderr,
+            )
+            yield target, model
+        for path in weights:
+            _load_weights(model, name, path)
+            yield path, model
 
 
 def _check_timm_name(name: str) -> None:
@@ -107,17 +118,76 @@ def _load_weights(model: Any, name: str, weights: str) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    target = _load_target(args.target, args.weights)
-    from kernelwatch.analysis import analyze
+    weights = args.weights or []
+    n_checkpoints = len(weights) or len(args.targets)
+    if n_checkpoints > 1 and not args.log_dir:
+        raise KernelWatchError(
+            f"{n_checkpoints} checkpoints: write them as one run with --log-dir DIR, or analyse one at a time"
+        )
+    if args.steps is not None and not args.log_dir:
+        raise KernelWatchError("--steps goes with --log-dir")
+    steps = _parse_steps(args.steps, n_checkpoints)
+    if args.plot:
+        from kernelwatch.plots import check_plot_file
 
+        check_plot_file(args.plot)
+    targets = _load_targets(args.targets, weights)
     with _library_warnings_silenced():
-        report = analyze(target)
+        if args.log_dir:
+            report, target = _write_run(targets, args.log_dir, steps)
+        else:
+            from kernelwatch.analysis import analyze
+
+            _, target = next(targets)
+            report = analyze(target)
+        if args.plot:
+            from kernelwatch.extraction import extract_depthwise
+            from kernelwatch.plots import plot_report
+
+            plot_report(report, extract_depthwise(target), args.plot)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         print()
     else:
         print(report.format_table())
     return 0
+
+
+def _parse_steps(text: str | None, n_checkpoints: int) -> list[int]:
+    """``--steps 0,500,1000``: one increasing step >= 0 per checkpoint; default 0, 1, 2, ..."""
+    if text is None:
+        return list(range(n_checkpoints))
+    try:
+        steps = [int(step) for step in text.split(",")]
+    except ValueError:
+        raise KernelWatchError(f"--steps {text!r}: expected integers separated by commas, e.g. 0,500,1000") from None
+    if len(steps) != n_checkpoints:
+        raise KernelWatchError(f"--steps gives {len(steps)} step(s) for {n_checkpoints} checkpoint(s)")
+    if steps[0] < 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise KernelWatchError(f"--steps {text!r}: steps must be >= 0 and increase")
+    return steps
+
+
+def _write_run(targets: Iterator[tuple[str, Any]], log_dir: str, steps: list[int]) -> tuple[Any, Any]:
+    """Write each checkpoint as a snapshot of one run in ``log_dir``, a line each on stderr;
+    the last one's report and checkpoint."""
+    from kernelwatch.checkpoint_log import CheckpointLog
+
+    with CheckpointLog(log_dir) as run:
+        for step, (name, target) in zip(steps, targets):
+            try:
+                report = run.add(step, target)
+            except KernelWatchError as err:
+                kept = f"; {log_dir} holds the steps before" if step != steps[0] else ""
+                raise KernelWatchError(f"step {step} ({name}): {err}{kept}") from err
+            flags = sum(1 for anomaly in run.anomalies if anomaly.step == step)
+            print(
+                f"step {step}: {name}: {100 * report.clustered_fraction:.1f}% of {report.n_kernels} kernels "
+                f"clustered, {flags} anomaly flag(s)",
+                file=sys.stderr,
+            )
+    print(f"wrote {len(steps)} step(s) to {log_dir}: tensorboard --logdir {log_dir}", file=sys.stderr)
+    return report, target
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -165,29 +235,58 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kernelwatch", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+#: What ``kernelwatch --help`` says, and each subcommand's help and description.
+DESCRIPTION = "Classify the depthwise-convolution kernels of a model into Difference-of-Gaussians patterns."
+_HELP = {
+    "analyze": "classify the depthwise kernels of checkpoints or a timm model",
+    "summary": "what a kernelwatch log holds, per run, layer and step",
+    "pretrain": "train a spectrum (fetches the training weights with pip)",
+}
+_ANALYZE_EXAMPLES = """examples:
+  kernelwatch analyze model.pt
+  kernelwatch analyze timm:convnext_atto --weights convnext_atto.pth --plot figures.png
+  kernelwatch analyze e0.pt e5.pt e10.pt --log-dir runs/ckpts --steps 0,5,10"""
+_EPILOG = "Exit codes: 0 success, 2 bad input or any other failure (one line on stderr)."
 
-    analyze = commands.add_parser("analyze", help="classify the depthwise kernels of a checkpoint or timm model")
-    analyze.add_argument("target", help="checkpoint file (.pt/.pth/.bin) or timm:NAME")
-    analyze.add_argument("--weights", help="state dict to load into a timm:NAME model")
-    analyze.add_argument("--json", action="store_true", help="print the report as JSON")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kernelwatch", description=DESCRIPTION, epilog=_EPILOG)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        description = _HELP[name][0].upper() + _HELP[name][1:] + "."
+        return commands.add_parser(name, help=_HELP[name], description=description, **kwargs)
+
+    analyze = command("analyze", epilog=_ANALYZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    analyze.add_argument(
+        "targets", nargs="+", metavar="TARGET", help="checkpoint file (.pt/.pth/.bin) or timm:NAME; several with --log-dir"
+    )
+    analyze.add_argument(
+        "--weights", action="append", metavar="FILE", help="state dict to load into a timm:NAME model (repeatable)"
+    )
+    analyze.add_argument("--json", action="store_true", help="print the report (of the last checkpoint) as JSON")
+    analyze.add_argument(
+        "--log-dir", metavar="DIR", help="write the checkpoints as one run (a step each) to DIR for TensorBoard"
+    )
+    analyze.add_argument("--steps", metavar="S1,S2,...", help="the checkpoints' steps in the run (default 0,1,2,...)")
+    analyze.add_argument(
+        "--plot", metavar="FILE.png", help="draw the paper's figures for the (last) checkpoint (needs kernelwatch[plots])"
+    )
     analyze.set_defaults(run=_analyze)
 
-    summary = commands.add_parser("summary", help="what a kernelwatch log holds, per run, layer and step")
+    summary = command("summary")
     summary.add_argument("log_dir", help="a run's log directory, or a directory of runs")
     summary.add_argument("--json", action="store_true", help="print the summary as JSON")
     summary.set_defaults(run=_summary)
 
-    pretrain = commands.add_parser("pretrain", help="train a spectrum (fetches the training weights with pip)")
-    pretrain.add_argument("--kernel-size", type=int, required=True, choices=(3, 5, 7))
-    pretrain.add_argument("--method", choices=("autoencoder", "kmeans"), default="autoencoder")
+    pretrain = command("pretrain")
+    pretrain.add_argument("--kernel-size", type=int, required=True, choices=(3, 5, 7), help="kernel size to train for")
+    pretrain.add_argument("--method", choices=("autoencoder", "kmeans"), default="autoencoder", help="default: %(default)s")
     pretrain.add_argument("--output", help="spectrum file to write (default spectrum_k<K>.npz)")
     pretrain.add_argument("--epochs", type=int, help="default: the shipped spectrum's recipe")
     pretrain.add_argument("--synthetic", type=int, help="synthetic kernels added to the real ones (default: recipe)")
-    pretrain.add_argument("--codes", type=int, default=DEFAULT_N_CODES)
-    pretrain.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    pretrain.add_argument("--codes", type=int, default=DEFAULT_N_CODES, help="codes along the spectrum (default %(default)s)")
+    pretrain.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default %(default)s)")
     pretrain.set_defaults(run=_pretrain)
     return parser
 

@@ -30,7 +30,6 @@ from torch import nn
 
 from kernelwatch._config import SUPPORTED_KERNEL_SIZES
 from kernelwatch._dir_lock import LOCK_FILE, DirLock
-from kernelwatch.analysis import LayerReport, analyze_layer
 from kernelwatch.anomalies import Anomaly, AnomalyConfig, AnomalyDetector, AnomalyError, severity_at_least
 from kernelwatch.errors import KernelWatchError
 from kernelwatch.extraction import (
@@ -41,9 +40,8 @@ from kernelwatch.extraction import (
     iter_conv_weights,
     unsupported_reason,
 )
-from kernelwatch.format import SEVERITIES, UPDATE
-from kernelwatch.metrics import layer_quality
-from kernelwatch.spectrum import Spectrum
+from kernelwatch.format import SEVERITIES
+from kernelwatch.snapshot import SpectrumCache, write_snapshot
 from kernelwatch.update_lens import UpdateReference
 from kernelwatch.writing import EventWriter
 
@@ -157,7 +155,7 @@ class KernelWatch:
         self._kernel_sizes: dict[str, tuple[int, int]] = {}  # each conv's first kernel size
         self._resized: set[str] = set()  # convs whose kernel size changed
         self._detector = AnomalyDetector(anomaly_config)
-        self._spectra: dict[int, Spectrum] = {}
+        self._spectra = SpectrumCache()
         self._reference = UpdateReference()
         self._warned: set[str] = set()
         self._writer: EventWriter | None = None
@@ -533,45 +531,25 @@ class KernelWatch:
             "; ".join(f"{name or '<root>'}: {why}" for name, why in kernels.unsupported.items()),
             when=bool(kernels.unsupported),
         )
-        # Each layer's position among the model's convs, so readers list layers as the model does.
-        order = {name: i for i, name in enumerate(snapshot.weights)}
-        reports: dict[str, LayerReport] = {}
-        updates: dict[str, LayerReport] = {}
-        no_spectrum = []
-        for name, layer in kernels.items():
-            spectrum = self._spectrum(layer.shape[-1])
-            if spectrum is None:
-                no_spectrum.append(f"{name or '<root>'} ({layer.shape[-1]}x{layer.shape[-1]})")
-                continue
-            writer.write_spectrum(step, spectrum)
-            reports[name] = analyze_layer(name, layer, spectrum, snapshot.dilation.get(name))
-            writer.write_layer(step, reports[name], layer, max_kernels=self.max_kernels, order=order[name])
-            update = self._reference.update(name, layer, step)
-            if update is not None:
-                updates[name] = analyze_layer(name, update, spectrum, activation=False)
-                writer.write_layer(
-                    step, updates[name], update, max_kernels=self.max_kernels, lens=UPDATE, order=order[name]
-                )
+        kernels.dilated.update(snapshot.dilation)
+        written = write_snapshot(
+            writer, step, kernels, snapshot.weights, self._spectra, self._reference, self._detector, self.max_kernels
+        )
         if self._reference.changed:
             self._reference.save(self.log_dir)
         self._warn_once(
             "no_spectrum",
             "no spectrum ships for the kernels of %s (shipped sizes: %s); these layers are skipped",
-            ", ".join(no_spectrum),
+            ", ".join(f"{name or '<root>'} ({k}x{k})" for name, k in written.no_spectrum.items()),
             SUPPORTED_KERNEL_SIZES,
-            when=bool(no_spectrum),
+            when=bool(written.no_spectrum),
         )
-        for name, weight in snapshot.weights.items():
-            if not weight.is_meta:
-                writer.write_quality(step, name, layer_quality(weight), order=order[name])
-        anomalies = self._detector.update(step, reports, updates)
-        writer.write_anomalies(step, [a.to_dict() for a in anomalies])
         # One flush per snapshot: a process killed later keeps this snapshot readable.
         writer.flush()
-        for anomaly in anomalies:
+        for anomaly in written.anomalies:
             logger.log(_LOG_LEVELS[anomaly.severity], "kernelwatch step %d: %s", step, anomaly.message)
         with self._lock:
-            self._pending.extend(anomalies)
+            self._pending.extend(written.anomalies)
 
     def _separate_sizes(self, snapshot: _Snapshot) -> None:
         """Give a conv whose kernel size changed a series of its own, ``<layer>@<h>x<w>``, so
@@ -598,13 +576,6 @@ class KernelWatch:
             snapshot.weights = {renamed.get(n, n): w for n, w in snapshot.weights.items()}
             snapshot.depthwise = [renamed.get(n, n) for n in snapshot.depthwise]
             snapshot.dilation = {renamed.get(n, n): d for n, d in snapshot.dilation.items()}
-
-    def _spectrum(self, kernel_size: int) -> Spectrum | None:
-        if kernel_size not in SUPPORTED_KERNEL_SIZES:
-            return None
-        if kernel_size not in self._spectra:
-            self._spectra[kernel_size] = Spectrum.pretrained(kernel_size)
-        return self._spectra[kernel_size]
 
     def _warn_once(self, key: str, message: str, *args: Any, when: bool) -> None:
         if when and key not in self._warned:

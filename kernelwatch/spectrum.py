@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kernelwatch import patterns
-from kernelwatch._config import DEFAULT_SEED, SUPPORTED_KERNEL_SIZES
+from kernelwatch._config import CLUSTERS, DEFAULT_SEED, SUPPORTED_KERNEL_SIZES
 from kernelwatch.classification import (
     ClassificationResult,
     PrototypeIndex,
@@ -272,6 +272,19 @@ class Spectrum:
     @property
     def n_codes(self) -> int:
         return len(self.codes)
+
+    def __repr__(self) -> str:
+        """One line instead of the arrays' hundreds.
+
+        >>> Spectrum.pretrained(kernel_size=7)
+        Spectrum(kernel_size=7, method='autoencoder', n_codes=10000, threshold=0.3, families=['on-centre', 'off-centre', 'on-cross', 'off-cross', 'first-derivative', 'second-derivative', 'other'])
+        """
+        present = {str(label).split("/")[0] for label in self.labels}
+        families = [name for name in CLUSTERS if name in present]
+        return (
+            f"Spectrum(kernel_size={self.kernel_size}, method={self.method!r}, n_codes={self.n_codes}, "
+            f"threshold={self.threshold:.3g}, families={families})"
+        )
 
     def intervals(self) -> list[tuple[str, float, float]]:
         """Runs of equal labels along the code axis: ``(label, first code, last code)``."""
