@@ -71,7 +71,7 @@ def plot_report(report: Any, kernels: Mapping[str, Any], path: str | os.PathLike
     _spectrum(figure, grid[1, 0], [layer for layer in layers if layer.kernel_size == k], k)
     _samples(figure.add_subplot(grid[1, 1]), [layer for layer in layers if layer.kernel_size == k], weights, k)
     figure.suptitle(
-        f"{report.n_kernels} depthwise kernels in {len(layers)} layers, "
+        f"{report.n_kernels} depthwise kernels in {len(layers)} layer(s), "
         f"{100 * report.clustered_fraction:.1f}% clustered",
         fontsize=14,
     )
@@ -112,7 +112,8 @@ def _proportions(ax: Any, layers: list[Any]) -> None:
     ax.set_xlabel("depthwise layer (model order) and kernel size")
     ax.set_ylabel("% of the layer's kernels")
     ax.set_title("Cluster proportions per layer (Fig. 7, 11)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if bottom.any():
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def _total_activation(ax: Any, layers: list[Any], weights: dict[str, np.ndarray]) -> None:
@@ -120,6 +121,7 @@ def _total_activation(ax: Any, layers: list[Any], weights: dict[str, np.ndarray]
     sums = np.concatenate([weights[layer.name].reshape(layer.n_kernels, -1).sum(axis=1) for layer in layers])
     families = np.concatenate([family(layer.result.labels) for layer in layers])
     shown = [c for c in CLUSTERS if np.any((families == c) & np.isfinite(sums))]
+    ax.set_title("Total activation per cluster (Fig. 10; whiskers 1.5 IQR, no outliers)")
     if not shown:
         ax.text(0.5, 0.5, "no clustered kernels", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
@@ -132,7 +134,6 @@ def _total_activation(ax: Any, layers: list[Any], weights: dict[str, np.ndarray]
     names = [c.replace("-derivative", "\nderivative") for c in shown]
     ax.set_xticks(range(1, len(shown) + 1), [f"{c}\n(n={len(d)})" for c, d in zip(names, data)], fontsize=8)
     ax.set_ylabel("total activation (sum of weights)")
-    ax.set_title("Total activation per cluster (Fig. 10; whiskers 1.5 IQR, no outliers)")
 
 
 def _spectrum(figure: Any, cell: Any, layers: list[Any], k: int) -> None:
