@@ -4,7 +4,9 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py --quick
 
 Given the accelerator, KernelWatch is rank-aware: every process makes the same calls, and only
-the main one copies, classifies and writes.
+the main one copies, classifies and writes. Snapshots count optimizer steps (log-spaced over
+the run, dense early), at the global step, the step to log the loss at
+(``accelerator.log({"loss": ...}, step=step)``) so that both line up in TensorBoard.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--log-dir", default="runs/accelerate")
-    parser.add_argument("--quick", action="store_true", help="a tiny run (seconds), e.g. to try the setup")
+    parser.add_argument("--quick", action="store_true", help="a tiny run (about 15 s on two CPU cores), e.g. to try the setup")
     args = parser.parse_args()
     n_images, epochs = (256, 2) if args.quick else (4096, args.epochs)
 
@@ -37,8 +39,10 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-    watch = KernelWatch(log_dir=args.log_dir, every=1, accelerator=accelerator)
-    watch.on_epoch_end(model, 0)  # the initial kernels, before any training
+    total_steps = epochs * len(loader)  # len(loader): this process's batches per epoch
+    watch = KernelWatch(log_dir=args.log_dir, schedule="log", total_epochs=total_steps, accelerator=accelerator)
+    step = 0  # the global step: optimizer steps so far
+    watch.snapshot(model, step)  # the initial kernels, before any training
     for epoch in range(1, epochs + 1):
         model.train()
         for images, labels in loader:
@@ -47,8 +51,9 @@ def main() -> None:
             optimizer.zero_grad()
             accelerator.backward(loss)
             optimizer.step()
-        accelerator.print(f"epoch {epoch}: last batch loss {loss.item():.3f}")
-        watch.on_epoch_end(model, epoch)  # on every rank; only the main one writes
+            step += 1
+            watch.snapshot(model, step)  # on every rank; the schedule decides, only the main one writes
+        accelerator.print(f"epoch {epoch} (step {step}): last batch loss {loss.item():.3f}")
     watch.close()
 
     accelerator.print(f"kernelwatch events in {args.log_dir}")

@@ -20,7 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--log-dir", default="runs/plain")
-    parser.add_argument("--quick", action="store_true", help="a tiny run (seconds), e.g. to try the setup")
+    parser.add_argument("--quick", action="store_true", help="a tiny run (about 20 s on two CPU cores), e.g. to try the setup")
     args = parser.parse_args()
     n_images, epochs = (256, 2) if args.quick else (4096, args.epochs)
 

@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--snapshot-every", type=int, default=20, help="optimizer steps between snapshots")
     parser.add_argument("--log-dir", default="runs/convnext_atto")
-    parser.add_argument("--quick", action="store_true", help="a tiny run (seconds), e.g. to try the setup")
+    parser.add_argument("--quick", action="store_true", help="a tiny run (about 35 s on two CPU cores), e.g. to try the setup")
     args = parser.parse_args()
     n_images, epochs, every = (128, 2, 2) if args.quick else (2048, args.epochs, args.snapshot_every)
 

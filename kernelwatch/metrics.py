@@ -59,9 +59,12 @@ def total_activation(kernels: np.ndarray, labels: np.ndarray) -> dict[str, dict[
 
 #: A filter is sparse when all its |w| are below this share of the layer's largest |w|.
 SPARSITY_EPS = 0.01
-#: The variance-entropy normaliser is this quantile of random layers' entropy: the paper divides
-#: by a curve fitted to the low end of random 3x3 layers (which ours tracks within ~6% from 16
-#: filters on), so that random layers score about 1 and above.
+#: CNN Filter DB's variance-entropy normaliser of 3x3 layers, as its authors compute it
+#: (torchconvquality 0.3.0, ``_entropy_max_threshold``): a logistic fit of the low end of random
+#: layers' entropy (log10) against log2 of the filter count: height, midpoint, rate, offset.
+_PAPER_FIT_3X3 = (1.2618047, 2.30436435, 0.88767525, -0.31050834)
+#: Other kernel sizes have no published fit: their normaliser is this quantile of random layers'
+#: entropy, simulated (it tracks the 3x3 fit within ~6% from 16 filters on).
 _RANDOM_QUANTILE = 0.01
 #: Random layers drawn for it: up to 400, fewer for large kernels, whose spread is far smaller
 #: (under 0.1% for 11x11) and whose eigendecompositions cost d^3.
@@ -91,9 +94,11 @@ def variance_entropy(weight: Any, eps: float = SPARSITY_EPS) -> float:
 
     The non-sparse filters (see :func:`sparsity`), flattened and centred, are decomposed by SVD;
     the singular values' shares of the total variance form a distribution whose entropy is
-    divided by that of random Gaussian layers of the same size (their 1% quantile). About 0.9
-    is a healthy trained layer, near 0 a degenerate one (all filters one pattern up to scale),
-    1 and above a random-like one. NaN when fewer than 3 filters remain or filters are 1x1.
+    divided by the low end of random layers' entropy for that many filters: for 3x3 filters
+    CNN Filter DB's fitted curve (torchconvquality's ``variance_entropy_clean_norm``), for other
+    sizes the simulated 1% quantile of random Gaussian layers. About 0.9 is a healthy trained
+    layer, near 0 a degenerate one (all filters one pattern up to scale), 1 and above a
+    random-like one. NaN when fewer than 3 filters remain or filters are 1x1.
 
     >>> rng = np.random.default_rng(0)
     >>> round(variance_entropy(rng.standard_normal((64, 8, 3, 3))), 2) >= 1.0
@@ -101,7 +106,8 @@ def variance_entropy(weight: Any, eps: float = SPARSITY_EPS) -> float:
     >>> round(variance_entropy(np.arange(1, 9)[:, None, None, None] * rng.standard_normal((3, 3))), 6)
     0.0
     """
-    filters = _filters(weight)
+    array = _as_weight(weight)
+    filters = _filters(array)
     d = filters.shape[1]
     if d < 2 or not np.isfinite(filters).all():
         return float("nan")
@@ -113,7 +119,11 @@ def variance_entropy(weight: Any, eps: float = SPARSITY_EPS) -> float:
     variance = _singular_values(filters - filters.mean(axis=0)) ** 2
     if variance.sum() == 0:
         return 0.0
-    return float(_entropy(variance[None])[0] / _random_entropy(n, d))
+    if array.shape[2:] == (3, 3):
+        normaliser = _paper_entropy_3x3(n)
+    else:
+        normaliser = _random_entropy(n, d)
+    return float(_entropy(variance[None])[0] / normaliser)
 
 
 def orthogonality(weight: Any) -> float:
@@ -191,6 +201,16 @@ def _entropy(variance: np.ndarray) -> np.ndarray:
     share = variance / variance.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         return -np.sum(np.where(share > 0, share * np.log(share), 0.0), axis=1)
+
+
+def _paper_entropy_3x3(n: int) -> float:
+    """CNN Filter DB's normaliser for ``n`` 3x3 filters, in nats (the fit is in log10 units).
+
+XX
+    0.8831
+    """
+    height, midpoint, rate, offset = _PAPER_FIT_3X3
+    return float((height / (1 + np.exp(-rate * (np.log2(n) - midpoint))) + offset) * np.log(10))
 
 
 @lru_cache(maxsize=256)

@@ -24,7 +24,7 @@ from werkzeug.test import Client
 from kernelwatch import format as fmt
 from kernelwatch import patterns
 from kernelwatch._config import CLUSTERS
-from tb_plugin.kernelwatch_plugin import KernelWatchPlugin
+from kernelwatch_tensorboard.kernelwatch_plugin import KernelWatchPlugin
 
 PREFIX = "/data/plugin/kernelwatch"
 DW = "stages.0.blocks.1.conv_dw"
@@ -320,7 +320,7 @@ def test_sampled_series_are_flagged_without_the_flag(tmp_path):
 
 
 def test_plugin_imports_no_torch():
-    code = "import sys, tb_plugin.kernelwatch_plugin; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, kernelwatch_tensorboard.kernelwatch_plugin; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
@@ -328,6 +328,8 @@ def test_entry_point_is_registered():
     from importlib.metadata import entry_points
 
     (entry,) = [e for e in entry_points(group="tensorboard_plugins") if e.name == fmt.PLUGIN_NAME]
+    # The folder tb_plugin/ installs under a name of kernelwatch's own (an old install: pip install -e .).
+    assert entry.value == "kernelwatch_tensorboard.kernelwatch_plugin:KernelWatchPlugin"
     assert entry.load() is KernelWatchPlugin
 
 
