@@ -1,4 +1,4 @@
-"""The ``kernelwatch`` command: ``analyze`` a checkpoint or timm model, ``pretrain`` a spectrum.
+"""The ``kernelwatch`` command: ``analyze`` a checkpoint or timm model, ``pretrain`` a spectrum, run the ``demo``.
 
 Exit codes: 0 success, 2 bad input (with a one-line message on stderr).
 """
@@ -81,6 +81,22 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from kernelwatch.demo import run_demo, tensorboard_command
+
+    try:
+        summary = run_demo(args.log_dir, quick=args.quick, steps=args.steps, seed=args.seed)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the snapshots taken so far are in {args.log_dir}", file=sys.stderr)
+        return 130
+    print(f"{'arm':<12} {'accuracy':>8} {'clustered':>9} {'update clustered':>16}")
+    for name, arm in summary["arms"].items():
+        print(f"{name:<12} {arm['accuracy']:>8.1%} {arm['clustered']:>9.1%} {arm['update_clustered']:>16.1%}")
+    print(f"{summary['steps']} steps per arm in {summary['seconds']:.0f} s; open it with:")
+    print(f"  {tensorboard_command(args.log_dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kernelwatch", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--codes", type=int, default=DEFAULT_N_CODES)
     pretrain.add_argument("--seed", type=int, default=DEFAULT_SEED)
     pretrain.set_defaults(run=_pretrain)
+
+    demo = commands.add_parser("demo", help="train small CNNs on generated images, watched (offline, CPU, ~3 min)")
+    demo.add_argument("--log-dir", required=True, help="TensorBoard directory; one run per arm is written under it")
+    demo.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds")
+    demo.add_argument("--steps", type=int, help="optimiser steps per arm (default 250; --quick: 20)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
     return parser
 
 
