@@ -1,5 +1,5 @@
-"""The ``kernelwatch`` command: ``analyze`` a checkpoint or timm model, ``summary`` of a log,
-``pretrain`` a spectrum.
+"""The ``kernelwatch`` command: run the ``demo``, ``analyze`` a checkpoint or timm model,
+``summary`` of a log, ``pretrain`` a spectrum.
 
 Exit codes: 0 success, 2 bad input or any other failure (with a one-line message on stderr;
 ``KERNELWATCH_DEBUG=1`` shows the traceback of unexpected failures instead).
@@ -235,9 +235,26 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from kernelwatch.demo import run_demo, tensorboard_command
+
+    try:
+        summary = run_demo(args.log_dir, quick=args.quick, steps=args.steps, seed=args.seed)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the snapshots taken so far are in {args.log_dir}", file=sys.stderr)
+        return 130
+    print(f"{'arm':<12} {'accuracy':>8} {'clustered':>9} {'update clustered':>16}")
+    for name, arm in summary["arms"].items():
+        print(f"{name:<12} {arm['accuracy']:>8.1%} {arm['clustered']:>9.1%} {arm['update_clustered']:>16.1%}")
+    print(f"{summary['steps']} steps per arm in {summary['seconds']:.0f} s; open it with:")
+    print(f"  {tensorboard_command(args.log_dir)}")
+    return 0
+
+
 #: What ``kernelwatch --help`` says, and each subcommand's help and description.
 DESCRIPTION = "Classify the depthwise-convolution kernels of a model into Difference-of-Gaussians patterns."
 _HELP = {
+    "demo": "train small CNNs on generated images, watched (offline, CPU, a few minutes)",
     "analyze": "classify the depthwise kernels of checkpoints or a timm model",
     "summary": "what a kernelwatch log holds, per run, layer and step",
     "pretrain": "train a spectrum (fetches the training weights with pip)",
@@ -256,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         description = _HELP[name][0].upper() + _HELP[name][1:] + "."
         return commands.add_parser(name, help=_HELP[name], description=description, **kwargs)
+
+    demo = command("demo")
+    demo.add_argument("--log-dir", required=True, help="TensorBoard directory; one run per arm is written under it")
+    demo.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds")
+    demo.add_argument("--steps", type=int, help="optimiser steps per arm (default 250; --quick: 20)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    demo.set_defaults(run=_demo)
 
     analyze = command("analyze", epilog=_ANALYZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     analyze.add_argument(
@@ -288,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--codes", type=int, default=DEFAULT_N_CODES, help="codes along the spectrum (default %(default)s)")
     pretrain.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default %(default)s)")
     pretrain.set_defaults(run=_pretrain)
+
     return parser
 
 
