@@ -174,10 +174,11 @@ def detect(
     lists them), ``history`` the clustered fraction per layer of earlier snapshots, ``updates``
     the reports of the update lens (each layer's ``W_t - W_first``).
 
-    Rules (a) and (b) also run on the update lens: early in a training from a random start the
-    weights are unstructured everywhere, but the updates are not, so a layer into which training
-    writes no structure while it does into the others is flagged long before the weights cross
-    the threshold. A layer gets at most one flag of each kind, and one flagged memorisation-like
+    Rules (a) and (b) also run on the update lens while the weights are unstructured (their
+    median clustered fraction below ``structured_fraction``): early in a training from a random
+    start the weights are unstructured everywhere, but the updates are not, so a layer into
+    which training writes no structure while it does into the others is flagged long before
+    the weights cross the threshold. A layer gets at most one flag of each kind, and one flagged memorisation-like
     is not flagged as an outlier too (same evidence, one flag).
 
     >>> from kernelwatch.analysis import LayerReport
@@ -199,7 +200,13 @@ def detect(
     }
     flagged: set[str] = set()
     lenses = [(WEIGHTS, judged)]
-    if updates:
+    # The update lens stands in for the weights only while they are still unstructured: once
+    # they are, they are judged themselves, and the update of a layer that was structured from
+    # the start (a DoG initialisation) may rightly be small and patternless.
+    weights_structured = judged and statistics.median(r.clustered_fraction for r in judged.values()) >= (
+        config.structured_fraction
+    )
+    if updates and not weights_structured:
         lenses.append((UPDATE, {name: updates[name] for name in judged if name in updates}))
     for rule in (_memorisation, _outlier):
         for lens, reports in lenses:

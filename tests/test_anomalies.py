@@ -1,6 +1,7 @@
 """Anomaly detection on real (timm, pretrained=False) models: DoG-initialised ones stand in for
 structured, trained layers; Gaussian noise for a layer that lost or never had its patterns."""
 
+import dataclasses
 import json
 
 import pytest
@@ -191,3 +192,14 @@ def test_the_update_lens_arms_the_rules_while_the_weights_are_still_random():
     assert [(a.layer, a.kind, a.numbers["update_lens"]) for a in flags] == [(noisy, "memorisation", 1.0)]
     assert "training writes no pattern" in flags[0].message
     assert detect(5, weights, updates=layers_of(kw.init.dog_(updates, seed=1))) == []
+
+
+def test_the_update_lens_is_not_judged_once_the_weights_are_structured(healthy):
+    """A DoG-initialised model trains with small, patternless updates in some layers: its
+    structured weights are judged, not its updates."""
+    noise = {name: dataclasses.replace(layer) for name, layer in healthy.items()}
+    for layer in noise.values():
+        layer.clustered_fraction = 0.25
+    first = next(iter(noise))
+    noise[first].clustered_fraction = 0.0
+    assert detect(5, healthy, updates=noise) == []
