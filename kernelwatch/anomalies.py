@@ -339,7 +339,9 @@ def _regression(step: int, name: str, layer: LayerReport, best: float, config: A
 
 class AnomalyDetector:
     """:func:`detect` with the history kept: each :meth:`update` compares with the best
-    clustered fraction each layer reached at earlier updates.
+    clustered fraction each layer reached at earlier updates, and reports a flag of the update
+    lens only when :func:`detect` raised it at the previous update too: in a healthy training a
+    layer's early update can lag the others' for one snapshot (the demo's small-init arm did).
 
     >>> from kernelwatch.analysis import LayerReport
     >>> detector = AnomalyDetector()
@@ -353,22 +355,29 @@ class AnomalyDetector:
         self.config = config or AnomalyConfig()
         # Regression compares with the best earlier value only, so that is all the history kept.
         self.best: dict[str, float] = {}
+        # (layer, kind) of the update-lens flags detect() raised at the previous update.
+        self.update_flags: set[tuple[str, str]] = set()
 
     def update(
         self, step: int, layers: Mapping[str, LayerReport], updates: Mapping[str, LayerReport] | None = None
     ) -> list[Anomaly]:
-        anomalies = detect(step, layers, [self.best], self.config, updates)
+        found = detect(step, layers, [self.best], self.config, updates)
+        raised = {(a.layer, a.kind) for a in found if a.numbers.get("update_lens")}
+        anomalies = [a for a in found if not a.numbers.get("update_lens") or (a.layer, a.kind) in self.update_flags]
+        self.update_flags = raised
         for name, layer in layers.items():
             self.best[name] = max(self.best.get(name, -math.inf), layer.clustered_fraction)
         return anomalies
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able state: the best clustered fraction of each layer so far."""
-        return {"best": dict(self.best)}
+        """JSON-able state: the best clustered fraction of each layer so far, and the update-lens
+        flags of the last update."""
+        return {"best": dict(self.best), "update_flags": sorted(map(list, self.update_flags))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; the detector keeps its own config."""
         try:
             self.best = {str(name): float(value) for name, value in state["best"].items()}
+            self.update_flags = {(str(layer), str(kind)) for layer, kind in state.get("update_flags", [])}
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise KernelWatchError(f"not an AnomalyDetector state: {err}") from err

@@ -192,6 +192,13 @@ def test_the_update_lens_arms_the_rules_while_the_weights_are_still_random():
     assert [(a.layer, a.kind, a.numbers["update_lens"]) for a in flags] == [(noisy, "memorisation", 1.0)]
     assert "training writes no pattern" in flags[0].message
     assert detect(5, weights, updates=layers_of(kw.init.dog_(updates, seed=1))) == []
+    # The detector reports an update-lens flag once it holds at two snapshots in a row.
+    detector = AnomalyDetector()
+    assert detector.update(5, weights, layers_of(with_noise(updates, noisy))) == []
+    assert [a.layer for a in detector.update(6, weights, layers_of(updates))] == [noisy]
+    resumed = AnomalyDetector()
+    resumed.load_state_dict(json.loads(json.dumps(detector.state_dict())))
+    assert [a.layer for a in resumed.update(7, weights, layers_of(updates))] == [noisy]
 
 
 def test_the_update_lens_is_not_judged_once_the_weights_are_structured(healthy):
