@@ -345,3 +345,21 @@ def test_a_malformed_anomaly_record_is_an_error_not_a_500(tmp_path):
     body = get_json(make_client(tmp_path), "anomalies?run=run1")
     assert [f["message"] for f in body["anomalies"]] == ["ok"]
     assert len(body["errors"]) == 1 and "invalid JSON" in body["errors"][0]
+
+
+def test_the_layers_of_a_12_layer_run_are_listed_in_model_order(tmp_path):
+    """A KernelWatch run of twelve depthwise layers (``convs.0`` ... ``convs.11``): every route
+    lists them as the model holds them, not as strings sort (``convs.1, convs.10, convs.11, convs.2``)."""
+    import torch
+
+    from kernelwatch.monitor import KernelWatch
+
+    model = torch.nn.Module()
+    model.convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, groups=8) for _ in range(12))
+    with KernelWatch(tmp_path / "run") as watch:
+        watch.snapshot(model, 0)
+    client = make_client(tmp_path)
+    expected = [f"convs.{i}" for i in range(12)]
+    assert [entry["layer"] for entry in get_json(client, "layers?run=run")["layers"]] == expected
+    assert get_json(client, "heatmap?run=run")["layers"] == expected
+    assert next(r for r in get_json(client, "runs")["runs"] if r["run"] == "run")["layers"] == expected
