@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo")
     demo.add_argument("--log-dir", required=True, help="TensorBoard directory; one run per arm is written under it")
-    demo.add_argument("--quick", action="store_true", help="a tiny configuration, a smoke test (about a minute)")
+    demo.add_argument("--quick", action="store_true", help="a tiny configuration, a smoke test (about 10 s)")
     demo.add_argument("--steps", type=int, help="optimiser steps per arm (default 250; --quick: 20)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     demo.set_defaults(run=_demo)

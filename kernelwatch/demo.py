@@ -68,7 +68,7 @@ class DemoConfig:
 
 #: The default demo: about 2 minutes 10 s on 2 idle CPU cores (``benchmarks/measure_demo.py``).
 DEFAULT = DemoConfig()
-#: ``--quick``: a smoke test (57 s measured on two busy cores).
+#: ``--quick``: a smoke test of about 10 s (slower when another training shares the cores).
 QUICK = DemoConfig(steps=20, width=32, depth=2, batch=32, n_classes=8, image_size=96, turn=5, memorise_crops=64)
 
 
@@ -500,7 +500,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Train the demo's arms into ``log_dir`` (one TensorBoard run each) and return what ran.
 
-    ``quick`` trains a tiny configuration (a smoke test of about a minute); ``steps`` overrides the
+    ``quick`` trains a tiny configuration (a smoke test of about 10 s); ``steps`` overrides the
     optimiser steps per arm; ``progress`` draws a progress bar on stderr. The result holds
     ``log_dir``, ``steps``, ``seconds`` (wall time) and per arm its ``steps``, training
     ``seconds``, final training ``loss`` and ``accuracy``, and the share of its depthwise kernels
