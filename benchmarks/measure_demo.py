@@ -10,6 +10,26 @@ The shuffled null permutes each kernel's k*k entries independently (``--shuffles
 averaged). It also checks the snapshot steps each arm's event file holds, and prints the wall
 time of the whole training and the CPU time this process used. ``--set NAME=VALUE`` overrides
 a field of the configuration (e.g. ``--set lr=3e-3``), for exploring.
+
+Measured (torch 2.14.1, 2 CPU cores, default configuration, torch's default 2 threads; the
+figures are the same with one thread). Seeds 0 / 1 / 2, at the last snapshot (step 250),
+model-wide over 4 x 64 depthwise 7x7 kernels (dog-init: 0.99 clustered at step 0, the others
+0.00); nulls from 20 shuffles (5,120 kernels), weights' nulls 0.000 too:
+
+    arm         weights clustered   weights median dissimilarity   update clustered   update null
+    default     0.000/0.004/0.000   0.726->0.662 / 0.719->0.660 / 0.710->0.668   0.297/0.309/0.258   0/0/0
+    dog-init    0.887/0.852/0.859   0.049->0.147 / 0.037->0.160 / 0.041->0.148   0.230/0.266/0.215   0/0/0
+    small-init  0.191/0.254/0.223   0.726->0.449 / 0.719->0.410 / 0.710->0.446   0.297/0.367/0.324   0/0/0
+    memorise    0.027/0.027/0.027   0.726->0.642 / 0.719->0.642 / 0.710->0.632   0.289/0.320/0.305   0/0/0
+
+Update clustered per layer (blocks 0..3), seed 0: default 0.17/0.11/0.19/0.72, memorise
+0.03/0.05/0.31/0.77 (seeds 1, 2: default 0.17/0.05/0.20/0.81, 0.08/0.11/0.22/0.62; memorise
+0.12/0.09/0.25/0.81, 0.06/0.12/0.27/0.77). Model-wide, memorising 256 crops with random labels
+cannot be told apart from the default arm at this scale: its updates are as structured, its
+last block's weights more so (0.11 clustered against 0.00-0.02).
+
+Wall time of ``kernelwatch demo --log-dir DIR`` (defaults): 2 min 10 s on idle cores, 2 min 37 s
+with other jobs on the machine part of the time.
 """
 
 from __future__ import annotations
