@@ -48,25 +48,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from kernelwatch import demo
 from kernelwatch import format as fmt
 from kernelwatch.spectrum import Spectrum
+from kernelwatch.structure import median_dissimilarity, spatially_shuffled
 
 
-def shuffled(kernels: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
-    """Each kernel's entries in a random order of its own."""
-    flat = kernels.reshape(len(kernels), -1).numpy()
-    order = np.argsort(rng.random(flat.shape), axis=1)
-    return np.take_along_axis(flat, order, axis=1).reshape(kernels.shape)
-
-
-def lens(spectrum: Spectrum, layers: dict[str, torch.Tensor], rng: np.random.Generator, shuffles: int) -> dict:
+def lens(spectrum: Spectrum, layers: dict[str, torch.Tensor], shuffles: int) -> dict:
     """Clustered fraction (model-wide and per layer), median dissimilarity over valid kernels
     and the shuffled null, of one set of kernels."""
     everything = torch.cat(list(layers.values()))
     result = spectrum.classify(everything, exact=True)
-    null = [spectrum.classify(shuffled(everything, rng), exact=True).clustered.mean() for _ in range(shuffles)]
+    null = [spectrum.classify(spatially_shuffled(everything, seed), exact=True).clustered.mean() for seed in range(shuffles)]
     sizes = np.cumsum([0, *(len(k) for k in layers.values())])
     return {
         "clustered": float(result.clustered.mean()),
-        "median_dissimilarity": float(np.median(result.dissimilarity[result.valid])),
+        "median_dissimilarity": median_dissimilarity(result),
         "null": float(np.mean(null)),
         "layers": {n: float(result.clustered[a:b].mean()) for n, a, b in zip(layers, sizes[:-1], sizes[1:])},
         "layers_median_dissimilarity": {
@@ -109,14 +103,13 @@ def main() -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
 
     spectrum = Spectrum.pretrained(config.kernel_size)
-    rng = np.random.default_rng(0)
     figures = {"config": dataclasses.asdict(config), "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime}
     for arm in arms:
         last = {n: c.weight.detach().reshape(-1, *c.kernel_size).clone() for n, c in demo._depthwise(arm.model).items()}
         figures[arm.name] = {
-            "first": lens(spectrum, arm.first, rng, args.shuffles),
-            "last": lens(spectrum, last, rng, args.shuffles),
-            "update": lens(spectrum, {n: last[n] - arm.first[n] for n in last}, rng, args.shuffles),
+            "first": lens(spectrum, arm.first, args.shuffles),
+            "last": lens(spectrum, last, args.shuffles),
+            "update": lens(spectrum, {n: last[n] - arm.first[n] for n in last}, args.shuffles),
             "update_norm_ratio": float(
                 torch.cat([(last[n] - arm.first[n]).flatten() for n in last]).norm()
                 / torch.cat([arm.first[n].flatten() for n in last]).norm()
