@@ -21,7 +21,7 @@ from kernelwatch.errors import KernelWatchError
 from kernelwatch.extraction import extract_depthwise
 from kernelwatch.metrics import cluster_proportions, total_activation
 from kernelwatch.spectrum import Spectrum
-from kernelwatch.structure import classify_with_null, median_dissimilarity
+from kernelwatch.structure import NullLevel, classify_with_null, median_dissimilarity
 
 
 @dataclass
@@ -142,6 +142,20 @@ def analyze_layer(
     """Classify one layer's ``[C, k, k]`` kernels and summarise them, with their null level;
     ``activation=False`` skips the total-activation statistics (meaningless for an update)."""
     result, null = classify_with_null(kernels, spectrum)
+    return layer_report(name, kernels, spectrum, result, null, dilation, activation)
+
+
+def layer_report(
+    name: str,
+    kernels: torch.Tensor,
+    spectrum: Spectrum,
+    result: ClassificationResult,
+    null: NullLevel,
+    dilation: tuple[int, int] | None = None,
+    activation: bool = True,
+) -> LayerReport:
+    """The :class:`LayerReport` of kernels already classified (with
+    :func:`kernelwatch.structure.classify_many_with_null`, several layers at once)."""
     return LayerReport(
         name=name,
         kernel_size=spectrum.kernel_size,

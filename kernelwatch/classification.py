@@ -128,12 +128,16 @@ class PrototypeIndex:
     prototypes: torch.Tensor  # [M, d] unit rows
     starts: list[int]  # block b holds prototypes[starts[b]:starts[b + 1]]
     centres: torch.Tensor  # [B, d] unit rows
-    radii: torch.Tensor  # [B] each cone's half-angle in radians, and its cosine and sine
-    cos_radii: torch.Tensor
-    sin_radii: torch.Tensor
+    radii: torch.Tensor  # [B] each cone's half-angle in radians
+    # [B, d, S]: each block's prototypes as columns, padded to the largest block's size S by
+    # repeating its last one (a repeat never changes a maximum), so that one batched matmul
+    # compares many kernels with many blocks.
+    columns: torch.Tensor
+    first: torch.Tensor  # [B] index of each block's first prototype, and its size
+    sizes: torch.Tensor
 
     @classmethod
-    def build(cls, prototypes: torch.Tensor, max_diameter: float = 20.0, max_size: int = 200) -> PrototypeIndex:
+    def build(cls, prototypes: torch.Tensor, max_diameter: float = 20.0, max_size: int = 64) -> PrototypeIndex:
         unit = prototypes.double().numpy()
         min_cos = np.cos(np.radians(max_diameter))
         starts = [0]
@@ -142,13 +146,23 @@ class PrototypeIndex:
             while end < len(unit) and end - first < max_size and unit[first] @ unit[end] >= min_cos:
                 end += 1
             starts.append(end)
-        centres, radii = [], []
+        centres, radii, columns = [], [], []
+        size = max(b - a for a, b in zip(starts, starts[1:]))
         for first, end in zip(starts, starts[1:]):
             centre = torch.nn.functional.normalize(prototypes[first:end].mean(dim=0), dim=0)
             centres.append(centre)
             radii.append(torch.arccos((prototypes[first:end] @ centre).clamp(-1.0, 1.0)).max())
-        radius = torch.stack(radii)
-        return cls(prototypes, starts, torch.stack(centres), radius, torch.cos(radius), torch.sin(radius))
+            columns.append(prototypes[torch.arange(first, first + size).clamp(max=end - 1)].T)
+        bounds = torch.tensor(starts)
+        return cls(
+            prototypes,
+            starts,
+            torch.stack(centres),
+            torch.stack(radii),
+            torch.stack(columns).contiguous(),
+            bounds[:-1],
+            bounds.diff(),
+        )
 
     def to(self, device: torch.device | str) -> PrototypeIndex:
         return PrototypeIndex(
@@ -156,12 +170,13 @@ class PrototypeIndex:
             self.starts,
             self.centres.to(device),
             self.radii.to(device),
-            self.cos_radii.to(device),
-            self.sin_radii.to(device),
+            self.columns.to(device),
+            self.first.to(device),
+            self.sizes.to(device),
         )
 
     def search(
-        self, unit: torch.Tensor, floor: float = -1.0, chunk: int = 65536
+        self, unit: torch.Tensor, floor: float = -1.0, chunk: int = 16384
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest prototype for each row of ``unit``: ``(index, similarity)``.
 
@@ -180,55 +195,54 @@ class PrototypeIndex:
     def _search_chunk(self, x: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.arange(x.shape[0], device=x.device)
         cos = x @ self.centres.T
-        best_sim = torch.full((x.shape[0],), -2.0, dtype=x.dtype, device=x.device)
-        best_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         # The nearest block first: for a kernel near the spectrum its best prototype is usually
         # there, and that similarity then rules out almost every other block.
         first = cos.argmax(dim=1)
-        self._scan_blocks(x, rows, first, best_sim, best_index)
-        # A block can beat similarity t only if angle(x, centre) < radius + arccos(t), that is
-        # cos(x, centre) > cos(radius + arccos(t)) = cos(r) t - sin(r) sqrt(1 - t^2).
-        target = (best_sim.clamp_min(floor) - _BOUND_SLACK).clamp(-1.0, 1.0)[:, None]
-        reach = self.cos_radii * target - self.sin_radii * (1.0 - target * target).sqrt()
-        # Past a half turn (radius + arccos(t) >= pi) every direction is within reach.
-        angle = torch.arccos(target)
-        if float(angle.max()) + float(self.radii.max()) >= torch.pi:
-            reach = torch.where(self.radii + angle >= torch.pi, -2.0, reach)
-        candidate = cos > reach
+        best_sim, best_index = self._scan(x, rows, first)
+        # A block can beat similarity t only if angle(x, centre) < radius + arccos(t). One
+        # comparison per (kernel, block) with the largest radius, then each surviving pair with
+        # its own block's radius. Past a half turn every direction is within reach.
+        angle = torch.arccos((best_sim.clamp_min(floor) - _BOUND_SLACK).clamp(-1.0, 1.0))
+        widest = angle + self.radii.max()
+        candidate = cos > torch.where(widest >= torch.pi, -2.0, torch.cos(widest))[:, None]
         candidate[rows, first] = False
         pair_rows, pair_blocks = candidate.nonzero(as_tuple=True)
-        self._scan_blocks(x, pair_rows, pair_blocks, best_sim, best_index)
+        reach = angle[pair_rows] + self.radii[pair_blocks]
+        keep = (cos[pair_rows, pair_blocks] > torch.cos(reach)) | (reach >= torch.pi)
+        pair_blocks, pair_rows = pair_blocks[keep], pair_rows[keep]
+        if pair_rows.numel():
+            sim, index = self._scan(x, pair_rows, pair_blocks)
+            updated = best_sim.scatter_reduce(0, pair_rows, sim, reduce="amax")
+            won = (sim > best_sim[pair_rows]) & (sim == updated[pair_rows])
+            best_index[pair_rows[won]] = index[won]
+            best_sim = updated
         return best_index, best_sim
 
-    def _scan_blocks(
-        self,
-        x: torch.Tensor,
-        rows: torch.Tensor,
-        blocks: torch.Tensor,
-        best_sim: torch.Tensor,
-        best_index: torch.Tensor,
-    ) -> None:
-        """Compare kernel ``rows[i]`` with every prototype of block ``blocks[i]``; keep the best.
+    def _scan(
+        self, x: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor, tile: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best similarity and prototype of kernel ``rows[i]`` within block ``blocks[i]``.
 
-        Pairs are grouped by block so each block costs one matmul; the per-kernel reduction
-        then runs once over all pairs.
+        Pairs are sorted by block and packed into tiles of ``tile`` kernels of one block each,
+        so that all pairs cost one batched matmul, with no Python loop over blocks.
         """
-        if rows.numel() == 0:
-            return
-        blocks, order = blocks.sort()
+        blocks, order = blocks.sort(stable=True)
         rows = rows[order]
-        unique, counts = torch.unique_consecutive(blocks, return_counts=True)
-        sims, indices = [], []
-        for block, group in zip(unique.tolist(), rows.split(counts.tolist())):
-            first = self.starts[block]
-            sim, at = (x[group] @ self.prototypes[first : self.starts[block + 1]].T).max(dim=1)
-            sims.append(sim)
-            indices.append(at + first)
-        sim, index = torch.cat(sims), torch.cat(indices)
-        updated = best_sim.scatter_reduce(0, rows, sim, reduce="amax")
-        won = (sim > best_sim[rows]) & (sim == updated[rows])
-        best_index[rows[won]] = index[won]
-        best_sim.copy_(updated)
+        counts = torch.bincount(blocks, minlength=len(self.sizes))
+        tiles = (counts + tile - 1) // tile
+        position = torch.arange(len(rows), device=x.device) - (counts.cumsum(0) - counts)[blocks]
+        at_tile = (tiles.cumsum(0) - tiles)[blocks] + position // tile
+        slot = position % tile
+        packed = torch.zeros(int(tiles.sum()), tile, x.shape[1], dtype=x.dtype, device=x.device)
+        packed[at_tile, slot] = x[rows]
+        tile_block = torch.zeros(len(packed), dtype=torch.long, device=x.device)
+        tile_block[at_tile] = blocks
+        sim, within = torch.bmm(packed, self.columns[tile_block]).max(dim=2)
+        sim, within = sim[at_tile, slot], within[at_tile, slot]
+        index = self.first[blocks] + torch.minimum(within, self.sizes[blocks] - 1)
+        out_sim, out_index = torch.empty_like(sim), torch.empty_like(index)
+        out_sim[order], out_index[order] = sim, index
+        return out_sim, out_index
 
 
 def classify_unit(

@@ -20,8 +20,14 @@ from kernelwatch.errors import KernelWatchError
 
 
 def family(labels: np.ndarray) -> np.ndarray:
-    """Drop the subtype: ``first-derivative/left`` -> ``first-derivative``."""
-    return np.array([label.split("/", 1)[0] for label in labels], dtype=str)
+    """Drop the subtype: ``first-derivative/left`` -> ``first-derivative``.
+
+    >>> family(np.array(["first-derivative/left", "on-centre", "first-derivative/left"])).tolist()
+    ['first-derivative', 'on-centre', 'first-derivative']
+    """
+    # Split each distinct label once: a layer has thousands of kernels but a dozen labels.
+    distinct, inverse = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+    return np.array([label.split("/", 1)[0] for label in distinct], dtype=str)[inverse.reshape(-1)]
 
 
 def cluster_proportions(labels: np.ndarray) -> dict[str, float]:

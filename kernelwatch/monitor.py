@@ -41,7 +41,7 @@ from kernelwatch.extraction import (
     unsupported_reason,
 )
 from kernelwatch.format import SEVERITIES
-from kernelwatch.snapshot import SpectrumCache, write_snapshot
+from kernelwatch.snapshot import DetailCadence, SpectrumCache, write_snapshot
 from kernelwatch.update_lens import UpdateReference
 from kernelwatch.writing import EventWriter
 
@@ -82,6 +82,7 @@ class _Snapshot:
     dilation: dict[str, tuple[int, int]]
     unsupported: dict[str, str]
     copied: list[Any] = field(default_factory=list)  # CUDA events marking the end of the copies
+    on_device: dict[str, torch.Tensor] = field(default_factory=dict)  # depthwise kernels left on their GPU
     session_start: int | None = None
 
 
@@ -106,6 +107,12 @@ class KernelWatch:
     ``strict=True`` it is raised instead, as a :class:`KernelWatchError` at the next call (the
     watch stops all the same), and a log directory another live watch writes to is an error
     rather than a warning.
+
+    The costliest records are written at their own cadence: kernel sprites every
+    ``sprite_every``-th snapshot, quality metrics every ``quality_every``-th, and both at each
+    layer's first snapshot and (at :meth:`close`) for the last one (see
+    :class:`~kernelwatch.snapshot.DetailCadence`). With ``classify_on_device`` (the default) the
+    kernels of a model on a GPU are classified there; the worker only draws and writes.
     """
 
     def __init__(
@@ -125,6 +132,9 @@ class KernelWatch:
         flush_timeout: float = 60.0,
         handle_sigterm: bool = True,
         strict: bool = False,
+        sprite_every: int = 10,
+        quality_every: int = 10,
+        classify_on_device: bool = True,
     ):
         self.log_dir = str(log_dir)
         self.strict = bool(strict)
@@ -135,6 +145,9 @@ class KernelWatch:
             raise KernelWatchError("queue_size and max_kernels must be >= 1")
         self.on_anomaly, self.raise_on, self.max_kernels = on_anomaly, raise_on, max_kernels
         self.flush_timeout = flush_timeout
+        self._cadence = DetailCadence(sprite_every, quality_every)
+        self.classify_on_device = bool(classify_on_device)
+        self._deferred: list[Callable[[], None]] = []  # the last snapshot's skipped sprites and quality
         self._accelerator = accelerator
         self._is_main = _is_main_process(accelerator)
         # Schedule state: identical on every rank, so that all enter the same collectives.
@@ -379,6 +392,8 @@ class KernelWatch:
                     cuda_devices.add(weight.device)
                 if is_depthwise(module):
                     snapshot.depthwise.append(name)
+                    if self.classify_on_device and _on_accelerator(weight):
+                        snapshot.on_device[name] = weight.detach().to(torch.float32, copy=True).squeeze(1)
                     if any(d > 1 for d in module.dilation):
                         snapshot.dilation[name] = tuple(module.dilation)
         for device in cuda_devices:
@@ -473,12 +488,14 @@ class KernelWatch:
             item = self._queue.get()
             try:
                 if item is _STOP:
+                    if not self._failed:
+                        self._write_deferred()
                     return
                 if not self._failed:
                     self._process(item)
                     self._written = item.step
             except BaseException as err:  # logged once (strict: raised at the next call); it stops the watch
-                self._fail(item.step, err)
+                self._fail(None if item is _STOP else item.step, err)
             finally:
                 self._queue.task_done()
 
@@ -533,8 +550,18 @@ class KernelWatch:
         )
         kernels.dilated.update(snapshot.dilation)
         written = write_snapshot(
-            writer, step, kernels, snapshot.weights, self._spectra, self._reference, self._detector, self.max_kernels
+            writer,
+            step,
+            kernels,
+            snapshot.weights,
+            self._spectra,
+            self._reference,
+            self._detector,
+            self.max_kernels,
+            self._cadence,
+            snapshot.on_device,
         )
+        self._deferred = written.deferred
         if self._reference.changed:
             self._reference.save(self.log_dir)
         self._warn_once(
@@ -550,6 +577,12 @@ class KernelWatch:
             logger.log(_LOG_LEVELS[anomaly.severity], "kernelwatch step %d: %s", step, anomaly.message)
         with self._lock:
             self._pending.extend(written.anomalies)
+
+    def _write_deferred(self) -> None:
+        """Complete the last snapshot: the sprites and quality metrics its cadence skipped."""
+        deferred, self._deferred = self._deferred, []
+        for write in deferred:
+            write()
 
     def _separate_sizes(self, snapshot: _Snapshot) -> None:
         """Give a conv whose kernel size changed a series of its own, ``<layer>@<h>x<w>``, so
@@ -576,6 +609,7 @@ class KernelWatch:
             snapshot.weights = {renamed.get(n, n): w for n, w in snapshot.weights.items()}
             snapshot.depthwise = [renamed.get(n, n) for n in snapshot.depthwise]
             snapshot.dilation = {renamed.get(n, n): d for n, d in snapshot.dilation.items()}
+            snapshot.on_device = {renamed.get(n, n): k for n, k in snapshot.on_device.items()}
 
     def _warn_once(self, key: str, message: str, *args: Any, when: bool) -> None:
         if when and key not in self._warned:
@@ -656,6 +690,11 @@ def _is_main_process(accelerator: Any) -> bool:
         return bool(accelerator.is_main_process)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return not distributed or torch.distributed.get_rank() == 0
+
+
+def _on_accelerator(weight: torch.Tensor) -> bool:
+    """A plain tensor on a GPU (not sharded, not meta): its kernels can be classified there."""
+    return weight.device.type not in ("cpu", "meta") and type(weight) in (torch.Tensor, nn.Parameter)
 
 
 def _off_device(weight: torch.Tensor) -> torch.Tensor:

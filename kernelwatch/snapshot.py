@@ -18,18 +18,22 @@ writes at each scheduled step and ``kernelwatch analyze --log-dir`` at each chec
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 
 from kernelwatch._config import SUPPORTED_KERNEL_SIZES
-from kernelwatch.analysis import LayerReport, analyze_layer
+from kernelwatch.analysis import LayerReport, layer_report
 from kernelwatch.anomalies import Anomaly, AnomalyDetector
 from kernelwatch.extraction import DepthwiseKernels
-from kernelwatch.format import UPDATE
+from kernelwatch.errors import KernelWatchError
+from kernelwatch.format import UPDATE, WEIGHTS
 from kernelwatch.metrics import layer_quality
 from kernelwatch.spectrum import Spectrum
+from kernelwatch.structure import classify_many_with_null
 from kernelwatch.update_lens import UpdateReference
 from kernelwatch.writing import EventWriter
 
@@ -46,14 +50,61 @@ class SpectrumCache(dict[int, Spectrum]):
 
 
 @dataclass
+class DetailCadence:
+    """Which snapshots write the records that cost most to make: the kernel sprites (a PNG per
+    layer and lens) and the quality metrics of every conv (products of all its filter pairs).
+    Each series writes them at its first snapshot, then at every ``sprite_every``-th (and
+    ``quality_every``-th) snapshot; 1 writes them at every snapshot.
+
+    >>> cadence = DetailCadence(sprite_every=3)
+    >>> [cadence.next().sprite("dw", "weights") for _ in range(7)]
+    [True, False, False, True, False, False, True]
+    """
+
+    sprite_every: int = 1
+    quality_every: int = 1
+    snapshots: int = -1  # the snapshot being written, counted from 0
+    _sprites: set[tuple[str, str]] = field(default_factory=set, repr=False)
+    _quality: set[str] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("sprite_every", "quality_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KernelWatchError(f"{name} must be an integer >= 1, got {value!r}")
+
+    def next(self) -> DetailCadence:
+        """Move on to the next snapshot."""
+        self.snapshots += 1
+        return self
+
+    def sprite(self, layer: str, lens: str) -> bool:
+        return _due((layer, lens), self._sprites, self.snapshots % self.sprite_every == 0)
+
+    def quality(self, layer: str) -> bool:
+        return _due(layer, self._quality, self.snapshots % self.quality_every == 0)
+
+
+def _due(key: Any, written: set[Any], scheduled: bool) -> bool:
+    """Whether a series writes now: when scheduled, or when it never has."""
+    if scheduled or key not in written:
+        written.add(key)
+        return True
+    return False
+
+
+@dataclass
 class WrittenSnapshot:
     """What :func:`write_snapshot` analysed: per layer the weights lens and (after the
-    reference step) the update lens, the anomalies, and the layers no spectrum ships for."""
+    reference step) the update lens, the anomalies, and the layers no spectrum ships for.
+    ``deferred`` writes the sprites and quality metrics this snapshot skipped (its
+    :class:`DetailCadence` said not now), at its step: for the run's last snapshot."""
 
     reports: dict[str, LayerReport] = field(default_factory=dict)
     updates: dict[str, LayerReport] = field(default_factory=dict)
     anomalies: list[Anomaly] = field(default_factory=list)
     no_spectrum: dict[str, int] = field(default_factory=dict)  # layer -> kernel size
+    deferred: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
 
 def write_snapshot(
@@ -65,34 +116,74 @@ def write_snapshot(
     reference: UpdateReference,
     detector: AnomalyDetector,
     max_kernels: int = 64,
+    cadence: DetailCadence | None = None,
+    on_device: Mapping[str, torch.Tensor] | None = None,
 ) -> WrittenSnapshot:
     """Write the snapshot at ``step``: per depthwise layer of ``kernels`` its spectrum (once per
     writer), the weights lens, and the update lens against ``reference``; the quality metrics
     of every conv weight in ``conv_weights`` (in model order: it gives each layer's position);
     then the anomalies ``detector`` finds. Updates ``reference`` (the caller saves it) and
-    ``detector``."""
+    ``detector``. ``cadence`` (default: everything at every snapshot) says which sprites and
+    quality metrics to write now. ``on_device`` holds the same kernels (of some layers) where
+    the model trains, e.g. on the GPU: they are classified there, the CPU copies only drawn.
+
+    Every lens of every layer of one kernel size is classified in one call, with their nulls.
+    """
+    cadence = (cadence or DetailCadence()).next()
+    on_device = on_device or {}
     order = {name: i for i, name in enumerate(conv_weights)}
     written = WrittenSnapshot()
+    # (layer, lens, kernels to classify, their CPU copy) of each kernel size, in model order.
+    lenses: dict[int, list[tuple[str, str, torch.Tensor, torch.Tensor]]] = {}
     for name, layer in kernels.items():
-        spectrum = spectra.get_for(layer.shape[-1])
-        if spectrum is None:
-            written.no_spectrum[name] = layer.shape[-1]
+        k = layer.shape[-1]
+        if spectra.get_for(k) is None:
+            written.no_spectrum[name] = k
             continue
-        writer.write_spectrum(step, spectrum)
-        report = written.reports[name] = analyze_layer(name, layer, spectrum, kernels.dilated.get(name))
-        writer.write_layer(step, report, layer, max_kernels=max_kernels, order=order.get(name))
-        update = reference.update(name, layer, step)
+        here = on_device.get(name, layer)
+        lenses.setdefault(k, []).append((name, WEIGHTS, here, layer))
+        update = reference.update(name, here, step)
         if update is not None:
-            written.updates[name] = analyze_layer(name, update, spectrum, activation=False)
+            lenses[k].append((name, UPDATE, update, update.cpu()))
+    reports: dict[tuple[str, str], tuple[LayerReport, torch.Tensor]] = {}
+    for k, items in lenses.items():
+        spectrum = spectra.get_for(k)
+        classified = classify_many_with_null([item[2] for item in items], spectrum)
+        for (name, lens, _, cpu), (result, null) in zip(items, classified):
+            dilation, weights = kernels.dilated.get(name), lens == WEIGHTS
+            report = layer_report(name, cpu, spectrum, result, null, dilation if weights else None, weights)
+            reports[name, lens] = report, cpu
+    for name, layer in kernels.items():
+        if name in written.no_spectrum:
+            continue
+        writer.write_spectrum(step, spectra.get_for(layer.shape[-1]))
+        for lens, by_layer in [(WEIGHTS, written.reports), (UPDATE, written.updates)]:
+            if (name, lens) not in reports:
+                continue
+            report, cpu = reports[name, lens]
+            by_layer[name] = report
+            sprite = cadence.sprite(name, lens)
             writer.write_layer(
-                step, written.updates[name], update, max_kernels=max_kernels, lens=UPDATE, order=order.get(name)
+                step, report, cpu if sprite else None, max_kernels=max_kernels, lens=lens, order=order.get(name)
             )
+            if not sprite:
+                labels, where = report.result.labels, {"result": report.result, "lens": lens, "order": order.get(name)}
+                written.deferred.append(partial(writer.write_sprite, step, name, cpu, labels, max_kernels, **where))
     for name, weight in conv_weights.items():
-        if not weight.is_meta:
-            writer.write_quality(step, name, layer_quality(weight), order=order[name])
+        if weight.is_meta:
+            continue
+        write = partial(_write_quality, writer, step, name, weight, order[name])
+        if cadence.quality(name):
+            write()
+        else:
+            written.deferred.append(write)
     written.anomalies = detector.update(step, written.reports, written.updates)
     writer.write_anomalies(step, [a.to_dict() for a in written.anomalies])
     return written
 
 
-__all__ = ["SpectrumCache", "WrittenSnapshot", "write_snapshot"]
+def _write_quality(writer: EventWriter, step: int, name: str, weight: torch.Tensor, order: int) -> None:
+    writer.write_quality(step, name, layer_quality(weight), order=order)
+
+
+__all__ = ["DetailCadence", "SpectrumCache", "WrittenSnapshot", "write_snapshot"]

@@ -255,6 +255,18 @@ class Spectrum:
         unit, _ = centre_and_normalise(torch.from_numpy(self.prototypes))
         return PrototypeIndex.build(unit)
 
+    @cached_property
+    def _device_indexes(self) -> dict[torch.device, PrototypeIndex]:
+        return {}
+
+    def _index_on(self, device: torch.device) -> PrototypeIndex:
+        """The index on ``device`` (a GPU's: moved there once, not at every call)."""
+        if device.type == "cpu":
+            return self._index
+        if device not in self._device_indexes:
+            self._device_indexes[device] = self._index.to(device)
+        return self._device_indexes[device]
+
     def classify(self, kernels: np.ndarray | torch.Tensor, exact: bool = False) -> ClassificationResult:
         """Label ``[N, k, k]`` kernels (numpy or torch, on any device) by their nearest prototype.
 
@@ -266,7 +278,7 @@ class Spectrum:
         """
         tensor = as_kernel_tensor(kernels, self.kernel_size)
         unit, valid = centre_and_normalise(tensor)
-        index = self._index if tensor.device.type == "cpu" else self._index.to(tensor.device)
+        index = self._index_on(tensor.device)
         return classify_unit(unit, valid, index, self.codes, self.labels, self.threshold, exact)
 
     @property

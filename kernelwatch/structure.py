@@ -16,6 +16,8 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -59,9 +61,17 @@ def spatially_shuffled(kernels: torch.Tensor, seed: int = DEFAULT_SEED) -> torch
     (torch.Size([2, 3, 3]), True, True)
     """
     n, k = kernels.shape[0], kernels.shape[-1]
+    order = _shuffle_order(n, k * k, seed) if n <= MAX_NULL_KERNELS else _draw_order(n, k * k, seed)
+    return kernels.reshape(n, k * k).gather(1, order.to(kernels.device)).reshape(kernels.shape)
+
+
+def _draw_order(n: int, size: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    order = torch.rand(n, k * k, generator=generator).argsort(dim=1).to(kernels.device)
-    return kernels.reshape(n, k * k).gather(1, order).reshape(kernels.shape)
+    return torch.rand(n, size, generator=generator).argsort(dim=1)
+
+
+#: The same orders at every snapshot (the seed is fixed): drawn once.
+_shuffle_order = lru_cache(maxsize=64)(_draw_order)
 
 
 def classify_with_null(
@@ -70,14 +80,47 @@ def classify_with_null(
     """Classify ``[N, k, k]`` kernels, and the spatially shuffled copies of (at most
     :data:`MAX_NULL_KERNELS` evenly chosen of) them for their null level. One classification
     call for both: on small layers its fixed cost is most of the work."""
-    sample = kernels
-    if len(kernels) > MAX_NULL_KERNELS:
-        sample = kernels[torch.linspace(0, len(kernels) - 1, MAX_NULL_KERNELS, device=kernels.device).round().long()]
-    both = spectrum.classify(torch.cat([kernels, spatially_shuffled(sample, seed)]))
-    result, shuffled = both[: len(kernels)], both[len(kernels) :]
-    if not shuffled.valid.any():
-        return result, NullLevel(float("nan"), float("nan"))
-    return result, NullLevel(float(shuffled.clustered.mean()), median_dissimilarity(shuffled))
+    return classify_many_with_null([kernels], spectrum, seed)[0]
 
 
-__all__ = ["MAX_NULL_KERNELS", "NullLevel", "classify_with_null", "median_dissimilarity", "spatially_shuffled"]
+def classify_many_with_null(
+    layers: Sequence[torch.Tensor], spectrum: Spectrum, seed: int = DEFAULT_SEED
+) -> list[tuple[ClassificationResult, NullLevel]]:
+    """:func:`classify_with_null` of several layers' kernels (all of one size, on one device)
+    in a single classification call: a snapshot's layers and lenses together cost one search.
+
+    >>> import kernelwatch as kw
+    >>> kernels = torch.as_tensor(kw.patterns.generate_mixture(64, 5, rng=0)[0])
+    >>> [len(result) for result, null in classify_many_with_null([kernels, kernels[:3]], kw.Spectrum.pretrained(5))]
+    [64, 3]
+    """
+    parts = []
+    for kernels in layers:
+        sample = kernels
+        if len(kernels) > MAX_NULL_KERNELS:
+            at = torch.linspace(0, len(kernels) - 1, MAX_NULL_KERNELS, device=kernels.device).round().long()
+            sample = kernels[at]
+        parts += [kernels, spatially_shuffled(sample, seed)]
+    if not parts:
+        return []
+    every = spectrum.classify(torch.cat(parts))
+    out, start = [], 0
+    for kernels, shuffled_part in zip(parts[::2], parts[1::2]):
+        middle, end = start + len(kernels), start + len(kernels) + len(shuffled_part)
+        result, shuffled = every[start:middle], every[middle:end]
+        start = end
+        if not shuffled.valid.any():
+            out.append((result, NullLevel(float("nan"), float("nan"))))
+        else:
+            out.append((result, NullLevel(float(shuffled.clustered.mean()), median_dissimilarity(shuffled))))
+    return out
+
+
+__all__ = [
+    "MAX_NULL_KERNELS",
+    "NullLevel",
+    "classify_many_with_null",
+    "classify_with_null",
+    "median_dissimilarity",
+    "spatially_shuffled",
+]

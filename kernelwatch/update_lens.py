@@ -51,7 +51,7 @@ class UpdateReference:
             return None
         if step == self.steps[name]:
             return None
-        return kernels.to(torch.float32) - reference
+        return kernels.to(torch.float32) - reference.to(kernels.device)  # the GPU's when classified there
 
     def save(self, log_dir: str | os.PathLike[str]) -> None:
         """Write the reference to ``log_dir`` (atomically: a crash leaves the old file whole)."""

@@ -23,13 +23,13 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import google_crc32c
 import numpy as np
-from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.util import tensor_util
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 #: Bins of the code histogram over [0, 1].
 CODE_BINS = 50
+_CODE_EDGES = np.linspace(0.0, 1.0, CODE_BINS + 1)
 #: Figures of a layer also written as stock scalars (update-lens ones prefixed ``update.``).
 _SCALAR_FIELDS = ("clustered_fraction", "median_dissimilarity", "null_clustered_fraction", "null_median_dissimilarity")
 
@@ -118,15 +119,25 @@ class EventWriter:
         if result is not None:
             values.append(self._tensor(fmt.CODE_HISTOGRAM, layer, _code_histogram(result), lens, order))
             if kernels is not None:
-                details = {"dissimilarity": result.dissimilarity, "code": result.codes}
-                png, layout = kernel_sprite(_numpy(kernels), result.labels, max_kernels=max_kernels, details=details)
-                values.append(self._blobs(fmt.SPRITE, layer, [png, fmt.encode_json(layout)], lens=lens, order=order))
+                values.append(self._sprite(layer, kernels, result.labels, max_kernels, _details(result), lens, order))
         self._write(step, values)
 
-    def write_sprite(self, step: int, layer: str, kernels: Any, labels: Sequence[str], max_kernels: int = 64) -> None:
-        """Only the kernel sprite of a layer (e.g. less often than the figures)."""
-        png, layout = kernel_sprite(_numpy(kernels), labels, max_kernels=max_kernels)
-        self._write(step, [self._blobs(fmt.SPRITE, layer, [png, fmt.encode_json(layout)])])
+    def write_sprite(
+        self,
+        step: int,
+        layer: str,
+        kernels: Any,
+        labels: Sequence[str],
+        max_kernels: int = 64,
+        *,
+        result: ClassificationResult | None = None,
+        lens: str = fmt.WEIGHTS,
+        order: int | None = None,
+    ) -> None:
+        """Only the kernel sprite of a layer (e.g. less often than the figures); with the
+        layer's classification ``result``, the same sprite :meth:`write_layer` writes."""
+        details = None if result is None else _details(result)
+        self._write(step, [self._sprite(layer, kernels, labels, max_kernels, details, lens, order)])
 
     def write_spectrum(self, step: int, spectrum: Spectrum, n: int = 24) -> bool:
         """The spectrum of one kernel size, once per writer: a strip of ``n`` prototypes and its
@@ -206,19 +217,22 @@ class EventWriter:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _value(self, tag: str, metadata: summary_pb2.SummaryMetadata, tensor: Any) -> summary_pb2.Summary.Value:
+    def _value(
+        self, tag: str, metadata: Callable[[], summary_pb2.SummaryMetadata], tensor: Any
+    ) -> summary_pb2.Summary.Value:
         value = summary_pb2.Summary.Value(tag=tag, tensor=tensor)
-        # Loaders take a series' metadata from its first event only, as TensorFlow writes it.
+        # Loaders take a series' metadata from its first event only, as TensorFlow writes it;
+        # built only then (building it for every value was a tenth of a snapshot's CPU time).
         if tag not in self._described:
-            value.metadata.CopyFrom(metadata)
+            value.metadata.CopyFrom(metadata())
         return value
 
     def _tensor(
         self, kind: str, layer: str, array: np.ndarray, lens: str = fmt.WEIGHTS, order: int | None = None
     ) -> summary_pb2.Summary.Value:
         tag = fmt.make_tag(kind, layer, lens)
-        metadata = fmt.summary_metadata(kind, layer, lens=lens, order=order)
-        return self._value(tag, metadata, tensor_util.make_tensor_proto(array))
+        metadata = lambda: fmt.summary_metadata(kind, layer, lens=lens, order=order)  # noqa: E731
+        return self._value(tag, metadata, tensor_proto(array))
 
     def _blobs(
         self,
@@ -230,13 +244,26 @@ class EventWriter:
         order: int | None = None,
     ) -> summary_pb2.Summary.Value:
         tag = fmt.make_tag(kind, kernel_size if kernel_size is not None else layer, lens)
-        tensor = tensor_util.make_tensor_proto(np.array(blobs, dtype=object))
-        return self._value(tag, fmt.summary_metadata(kind, layer, kernel_size, lens=lens, order=order), tensor)
+        tensor = tensor_proto(np.array(blobs, dtype=object))
+        return self._value(
+            tag, lambda: fmt.summary_metadata(kind, layer, kernel_size, lens=lens, order=order), tensor
+        )
+
+    def _sprite(
+        self,
+        layer: str,
+        kernels: Any,
+        labels: Sequence[str],
+        max_kernels: int,
+        details: Mapping[str, np.ndarray] | None,
+        lens: str,
+        order: int | None,
+    ) -> summary_pb2.Summary.Value:
+        png, layout = kernel_sprite(_numpy(kernels), labels, max_kernels=max_kernels, details=details)
+        return self._blobs(fmt.SPRITE, layer, [png, fmt.encode_json(layout)], lens=lens, order=order)
 
     def _scalar(self, tag: str, number: float) -> summary_pb2.Summary.Value:
-        metadata = scalar_metadata.create_summary_metadata(display_name=None, description=None)
-        metadata.data_class = summary_pb2.DATA_CLASS_SCALAR
-        return self._value(tag, metadata, tensor_util.make_tensor_proto(np.float32(number)))
+        return self._value(tag, _scalar_metadata, tensor_proto(np.float32(number)))
 
     def _write(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
@@ -340,6 +367,44 @@ def tf_record(data: bytes) -> bytes:
     return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
 
 
+def _scalar_metadata() -> summary_pb2.SummaryMetadata:
+    metadata = scalar_metadata.create_summary_metadata(display_name=None, description=None)
+    metadata.data_class = summary_pb2.DATA_CLASS_SCALAR
+    return metadata
+
+
+#: TensorFlow's dtype enum of the numpy dtypes kernelwatch writes.
+_DTYPES = {
+    np.dtype(np.float32): types_pb2.DT_FLOAT,
+    np.dtype(np.float64): types_pb2.DT_DOUBLE,
+    np.dtype(np.int64): types_pb2.DT_INT64,
+}
+
+
+def tensor_proto(array: Any) -> tensor_pb2.TensorProto:
+    """``tensor_util.make_tensor_proto(array)``, the same bytes, without its generic checks for
+    the arrays kernelwatch writes (float32 scalars, float32/float64/int64 arrays, arrays of
+    bytes): those checks cost more than the rest of encoding a snapshot.
+
+    >>> from tensorboard.util import tensor_util
+    >>> all(tensor_proto(a) == tensor_util.make_tensor_proto(a) for a in
+    ...     [np.float32(0.5), np.arange(6.0).reshape(2, 3), np.array([b"png", b"{}"], dtype=object)])
+    True
+    """
+    array = np.asarray(array)
+    dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in array.shape]
+    shape = tensor_shape_pb2.TensorShapeProto(dim=dims)
+    if array.dtype == object and all(isinstance(b, bytes) for b in array.flat):
+        return tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=shape, string_val=list(array.flat))
+    dtype = _DTYPES.get(array.dtype)
+    if array.ndim == 0 and dtype == types_pb2.DT_FLOAT:
+        return tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape, float_val=[float(array)])
+    if dtype is None or array.size <= 1:  # make_tensor_proto writes these as values, not content
+        return tensor_util.make_tensor_proto(array)
+    content = array.astype(array.dtype.newbyteorder("<")).tobytes()
+    return tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape, tensor_content=content)
+
+
 def _masked_crc(data: bytes) -> int:
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
@@ -378,8 +443,17 @@ def _activation(report: LayerReport) -> np.ndarray:
 
 def _code_histogram(result: ClassificationResult) -> np.ndarray:
     """Counts over [0, 1] of the nearest codes of clustered and of unclustered valid kernels."""
+    # np.histogram's bins ([a, b), the last [a, b]) found once for all kernels, then counted.
+    bins = np.searchsorted(_CODE_EDGES, np.nan_to_num(result.codes, nan=-1.0), side="right") - 1
+    bins[bins == CODE_BINS] = CODE_BINS - 1
+    inside = (bins >= 0) & (bins < CODE_BINS)
     rows = (result.clustered, result.valid & ~result.clustered)
-    return np.stack([np.histogram(result.codes[r], bins=CODE_BINS, range=(0.0, 1.0))[0] for r in rows]).astype(np.int64)
+    return np.stack([np.bincount(bins[r & inside], minlength=CODE_BINS) for r in rows]).astype(np.int64)
+
+
+def _details(result: ClassificationResult) -> dict[str, np.ndarray]:
+    """The per-kernel numbers each sprite cell carries."""
+    return {"dissimilarity": result.dissimilarity, "code": result.codes}
 
 
 def _numpy(kernels: Any) -> np.ndarray:
