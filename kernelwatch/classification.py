@@ -197,7 +197,7 @@ class PrototypeIndex:
         cos = x @ self.centres.T
         # The nearest block first: for a kernel near the spectrum its best prototype is usually
         # there, and that similarity then rules out almost every other block.
-        first = cos.argmax(dim=1)
+        first = cos.max(dim=1).indices  # (max is faster than argmax here)
         best_sim, best_index = self._scan(x, rows, first)
         # A block can beat similarity t only if angle(x, centre) < radius + arccos(t). One
         # comparison per (kernel, block) with the largest radius, then each surviving pair with

@@ -97,7 +97,8 @@ def test_the_run_holds_what_the_monitor_writes(tmp_path):
     """Same model, same steps: the records of a watched training and of its checkpoints agree."""
     paths = checkpoints(tmp_path)
     model = net()
-    with KernelWatch(tmp_path / "watched", every=1) as watch:
+    # Sprites and quality metrics at every snapshot, as the checkpoints write them.
+    with KernelWatch(tmp_path / "watched", every=1, sprite_every=1, quality_every=1) as watch:
         for epoch in range(3):
             if epoch:
                 train_epoch(model, epoch)

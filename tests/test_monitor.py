@@ -765,3 +765,87 @@ def test_under_fsdp_a_stopped_watch_still_gathers_with_the_other_ranks(tmp_path)
     (error,) = [line for line in outputs[0][1].splitlines() if line.startswith("ERROR")]
     assert "snapshots up to step 1 are in" in error
     assert steps(read(tmp_path), fmt.make_tag(fmt.ANOMALIES)) == [0, 1]
+
+
+def test_sprites_and_quality_at_their_cadence_complete_the_first_and_last_snapshot(tmp_path):
+    """Sprites and quality metrics every third snapshot, at each series' first, and for the last
+    snapshot at close: the very records a watch that writes everything writes at those steps."""
+    model = net()
+    full = KernelWatch(tmp_path / "full", sprite_every=1, quality_every=1)
+    sparse = KernelWatch(tmp_path / "sparse", sprite_every=3, quality_every=3)
+    for epoch in range(5):
+        if epoch:
+            train_epoch(model, epoch)
+        full.on_epoch_end(model, epoch)
+        sparse.on_epoch_end(model, epoch)
+    full.close()
+    sparse.close()
+    everything, some = read(tmp_path / "full"), read(tmp_path / "sparse")
+    assert set(some) == set(everything)
+    for layer in DW:
+        assert steps(some, fmt.make_tag(fmt.SPRITE, layer)) == [0, 3, 4]
+        assert steps(some, fmt.make_tag(fmt.SPRITE, layer, fmt.UPDATE)) == [1, 3, 4]  # its first snapshot: 1
+    for layer in CONVS:
+        assert steps(some, fmt.make_tag(fmt.QUALITY, layer)) == [0, 3, 4]
+    for tag, records in some.items():
+        detail = fmt.parse_tag(tag).kind in (fmt.SPRITE, fmt.QUALITY)
+        assert detail or steps(some, tag) == steps(everything, tag), tag
+        written = dict(everything[tag])
+        for step, value in records:
+            if value.dtype == object:
+                assert value.tolist() == written[step].tolist(), (tag, step)
+            else:
+                np.testing.assert_array_equal(value, written[step], err_msg=f"{tag} at {step}")
+
+
+def write_both_ways(tmp_path, on_device) -> tuple[dict, dict]:
+    """The records of two snapshots written from CPU kernels alone, and classified from
+    ``on_device(kernels)`` (the CPU copies only drawn)."""
+    from kernelwatch.anomalies import AnomalyDetector
+    from kernelwatch.snapshot import SpectrumCache, write_snapshot
+    from kernelwatch.update_lens import UpdateReference
+    from kernelwatch.writing import EventWriter
+
+    model = net()
+    records = []
+    for name, device in (("cpu", False), ("device", True)):
+        spectra, reference, detector = SpectrumCache(), UpdateReference(), AnomalyDetector()
+        with EventWriter(tmp_path / name) as writer:
+            for step in (0, 1):
+                kernels = extract_depthwise(model)
+                weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in CONVS}
+                there = {n: on_device(k) for n, k in kernels.items()} if device else None
+                write_snapshot(writer, step, kernels, weights, spectra, reference, detector, on_device=there)
+                train_epoch(model, step + 1)
+        records.append(read(tmp_path / name))
+        model = net()
+    return records[0], records[1]
+
+
+def assert_same_records(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for tag in a:
+        for (step_a, x), (step_b, y) in zip(a[tag], b[tag], strict=True):
+            assert step_a == step_b
+            if x.dtype == object:
+                assert x.tolist() == y.tolist(), tag
+            else:
+                np.testing.assert_allclose(x, y, rtol=1e-6, equal_nan=True, err_msg=tag)
+
+
+def test_kernels_classified_from_another_copy_write_the_same_records(tmp_path):
+    """The device path on CPU: classification from the ``on_device`` copies (the update lens
+    against them too), sprites and activation from the CPU copies; the same records."""
+    assert_same_records(*write_both_ways(tmp_path, lambda k: k.clone()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernels_on_a_gpu_are_classified_there_with_the_same_records(tmp_path):
+    assert_same_records(*write_both_ways(tmp_path, lambda k: k.cuda()))
+    model = net().cuda()
+    with KernelWatch(tmp_path / "watch") as watch:
+        watch.on_epoch_end(model, 0)
+        with torch.no_grad():
+            model[1].weight.add_(0.01 * torch.randn_like(model[1].weight))
+        watch.on_epoch_end(model, 1)
+    assert steps(read(tmp_path / "watch"), fmt.make_tag(fmt.PROPORTIONS, "1")) == [0, 1]

@@ -1,0 +1,175 @@
+"""The monitor's cost, every figure against a reference measured in the same run.
+
+    python benchmarks/bench_monitor.py            # all three parts, about 5 minutes on 2 cores
+    python benchmarks/bench_monitor.py --parts worker overhead classify --repeats 3
+
+1. worker: the background worker's CPU per snapshot of timm's ``convnext_atto``,
+   ``convnext_tiny`` and ``convnext_base`` (``pretrained=False``, nothing downloaded), against
+   the CPU of one training step of the same model (batch 32, 64 px). Each model gets one
+   snapshot before training and then one cadence cycle (``sprite_every`` snapshots, default
+   10), each after a small perturbation of every weight, waiting for the worker after each: the
+   process's CPU from ``snapshot()`` until the worker has written it (the training thread
+   sleeps meanwhile). The mean over the cycle is the cost per snapshot, sprites and quality
+   metrics included at their cadence; ``close()`` (which completes the last snapshot) is added.
+2. overhead: ``convnext_atto`` trained on every core (batch 32, 64 px, ``--steps`` per epoch,
+   a snapshot after every epoch and one before training), three arms in one process: no
+   monitor, KernelWatch (``close()`` included), and TensorBoard's ``add_histogram`` of every
+   parameter every epoch (what users log by default). The arms' order rotates each repeat;
+   ratios are paired per repeat, then the median is taken.
+3. classify: 50,000 7x7 kernels against the shipped 10,000-code spectrum, kernelwatch's index
+   against brute force (``bench_classify.py``, each side in its own process), same decisions.
+
+Timing-sensitive: run it alone on the machine (``/work/bin/quiet`` on the shared box).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from kernelwatch import KernelWatch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_overhead import synthetic_batches  # noqa: E402
+from bench_worker import training_step_cpu  # noqa: E402
+
+
+def worker_costs(model: nn.Module, cycle: int) -> tuple[float, list[float], float, float]:
+    """Worker CPU seconds: (first snapshot, each of one cadence cycle after it, close, blocking max)."""
+    costs, blocking = [], []
+    with tempfile.TemporaryDirectory() as log_dir:
+        watch = KernelWatch(log_dir, sprite_every=cycle, quality_every=cycle)
+        for step in range(cycle + 1):
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(0.01 * parameter.std().nan_to_num() * torch.randn_like(parameter))
+            cpu, wall = time.process_time(), time.perf_counter()
+            watch.snapshot(model, step)
+            blocking.append(time.perf_counter() - wall)
+            watch.flush()
+            costs.append(time.process_time() - cpu)
+        cpu = time.process_time()
+        watch.close()
+        closing = time.process_time() - cpu
+    return costs[0], costs[1:], closing, max(blocking)
+
+
+def part_worker(models: list[str], cycle: int) -> None:
+    print(f"== worker CPU per snapshot (torch threads {torch.get_num_threads()}; the worker uses one) ==")
+    for name in models:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+        step_cpu = training_step_cpu(model)
+        first, cycle_costs, closing, blocking = worker_costs(model, cycle)
+        per_snapshot = (sum(cycle_costs) + closing) / len(cycle_costs)
+        regular = statistics.median(cycle_costs[:-1])
+        print(
+            f"{name:<14} worker CPU per snapshot {1000 * per_snapshot:6.1f} ms (mean over a cycle of {cycle}, "
+            f"close() included) = {per_snapshot / step_cpu:.3f} training steps ({1000 * step_cpu:.0f} ms CPU each); "
+            f"without sprites/quality {1000 * regular:.1f} ms median, with them {1000 * cycle_costs[-1]:.0f} ms, "
+            f"first {1000 * first:.0f} ms, close {1000 * closing:.0f} ms; blocking max {1000 * blocking:.1f} ms"
+        )
+
+
+def train(batches: list, epochs: int, arm: str, log_dir: str) -> float:
+    """Wall seconds of one run of ``arm`` (none, kernelwatch, histograms), setup excluded."""
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    watch = KernelWatch(log_dir, every=1) if arm == "kernelwatch" else None
+    if arm == "histograms":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir)
+    start = time.perf_counter()
+
+    def epoch_end(epoch: int) -> None:
+        if watch is not None:
+            watch.on_epoch_end(model, epoch)
+        elif arm == "histograms":
+            for name, parameter in model.named_parameters():
+                writer.add_histogram(name, parameter, epoch)
+
+    epoch_end(0)
+    for epoch in range(1, epochs + 1):
+        for images, labels in batches:
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        epoch_end(epoch)
+    if watch is not None:
+        watch.close()
+    elif arm == "histograms":
+        writer.close()
+    return time.perf_counter() - start
+
+
+def part_overhead(epochs: int, steps: int, repeats: int) -> None:
+    arms = ["none", "kernelwatch", "histograms"]
+    print(
+        f"\n== per-epoch overhead: convnext_atto, {epochs} epochs x {steps} steps (batch 32, 64 px), "
+        f"a snapshot every epoch, {torch.get_num_threads()} training threads on {os.cpu_count()} CPUs =="
+    )
+    batches = synthetic_batches(steps, 32, 64)
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    with tempfile.TemporaryDirectory() as root:
+        train(batches[:2], 1, "none", root)  # warm-up
+        for repeat in range(repeats):
+            order = arms[repeat % 3 :] + arms[: repeat % 3]
+            for arm in order:
+                times[arm].append(train(batches, epochs, arm, os.path.join(root, f"{arm}{repeat}")))
+            print(f"  repeat {repeat}: " + ", ".join(f"{arm} {times[arm][-1]:.2f} s" for arm in order))
+    epoch = statistics.median(times["none"]) / epochs
+    for arm, label in (("kernelwatch", "KernelWatch every epoch"), ("histograms", "add_histogram every epoch")):
+        ratios = [w / n - 1 for w, n in zip(times[arm], times["none"])]
+        print(
+            f"{label:<26} {100 * statistics.median(ratios):+6.2f} % per epoch vs no monitor "
+            f"(paired over {repeats} repeats: {', '.join(f'{100 * r:+.1f}' for r in ratios)} %; "
+            f"epoch {epoch:.2f} s)"
+        )
+
+
+def part_classify(kernels: int, repeats: int) -> None:
+    print(f"\n== classify {kernels:,} 7x7 kernels: kernelwatch's index vs brute force ==")
+    cmd = [sys.executable, str(HERE / "bench_classify.py"), "--kernels", str(kernels), "--repeats", str(repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    print(out.rstrip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=("worker", "overhead", "classify"),
+                        default=["worker", "overhead", "classify"])
+    parser.add_argument("--models", nargs="+", default=["convnext_atto", "convnext_tiny", "convnext_base"])
+    parser.add_argument("--cycle", type=int, default=10, help="sprite_every and quality_every of the worker part")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per epoch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernels", type=int, default=50_000)
+    args = parser.parse_args()
+    # Random models trip the anomaly flags at every snapshot: log noise here.
+    logging.getLogger("kernelwatch").setLevel(logging.ERROR)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    if "worker" in args.parts:
+        part_worker(args.models, args.cycle)
+    if "overhead" in args.parts:
+        part_overhead(args.epochs, args.steps, args.repeats)
+    if "classify" in args.parts:
+        part_classify(args.kernels, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
