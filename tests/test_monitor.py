@@ -107,7 +107,7 @@ def run_epochs(watch: KernelWatch, model: nn.Module, epochs) -> list[int]:
 def test_every_n_records_match_the_weights_at_each_snapshot(tmp_path):
     model = net()
     expected = {}
-    with KernelWatch(tmp_path, every=2) as watch:
+    with KernelWatch(tmp_path, every=2, sprite_every=1, quality_every=1) as watch:
         for epoch in range(6):
             if epoch:
                 train_epoch(model, epoch)
@@ -158,7 +158,7 @@ def test_schedules(tmp_path, kwargs, calls, expected):
     if kwargs.get("schedule") == "log":
         assert log_schedule(20, 5) == expected
     model = net()
-    watch = KernelWatch(tmp_path, **kwargs)
+    watch = KernelWatch(tmp_path, **kwargs, sprite_every=1, quality_every=1)
     with torch.no_grad():
         for epoch in calls:
             model[1].weight.add_(0.01)
@@ -171,7 +171,7 @@ def test_schedules(tmp_path, kwargs, calls, expected):
 
 def test_step_based_snapshots_and_on_train_end(tmp_path):
     model = net()
-    watch = KernelWatch(tmp_path, every=10)
+    watch = KernelWatch(tmp_path, every=10, sprite_every=1, quality_every=1)
     taken = [step for step in range(36) if watch.snapshot(model, step)]
     assert taken == [0, 10, 20, 30]
     assert not watch.snapshot(model, 30)  # a step never snapshots twice
@@ -187,7 +187,7 @@ def test_step_based_snapshots_and_on_train_end(tmp_path):
 def test_an_exception_in_the_with_block_flushes_and_propagates(tmp_path):
     model = net()
     with pytest.raises(RuntimeError, match="diverged"):
-        with KernelWatch(tmp_path, every=3, queue_size=8) as watch:
+        with KernelWatch(tmp_path, every=3, queue_size=8, sprite_every=1, quality_every=1) as watch:
             run_epochs(watch, model, range(5))
             raise RuntimeError("diverged")
     # 4 was skipped and stays so: no final snapshot after an error.
@@ -198,7 +198,7 @@ SIGTERM_CHILD = NET + """
 import sys, time
 from kernelwatch import KernelWatch
 model = net(64)
-watch = KernelWatch(sys.argv[1], every=1, queue_size=16)
+watch = KernelWatch(sys.argv[1], every=1, queue_size=16, sprite_every=1, quality_every=1)
 with torch.no_grad():
     for step in range(8):
         model[1].weight.add_(0.01)
@@ -223,7 +223,7 @@ def weights_after_training():
     return [p.detach().clone() for p in model.parameters()]
 
 alone = weights_after_training()
-with KernelWatch(sys.argv[1]) as watch:
+with KernelWatch(sys.argv[1], sprite_every=1, quality_every=1) as watch:
     watch.snapshot(model, 0)
     watch.flush()  # the worker has run torch ops and stays alive
     watched = weights_after_training()
@@ -269,7 +269,7 @@ def test_sigterm_handler_chains_to_the_previous_one(tmp_path):
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
     try:
         model = net()
-        watch = KernelWatch(tmp_path, every=1, queue_size=8)
+        watch = KernelWatch(tmp_path, every=1, queue_size=8, sprite_every=1, quality_every=1)
         run_epochs(watch, model, range(3))
         os.kill(os.getpid(), signal.SIGTERM)
         assert seen == [signal.SIGTERM]
@@ -284,7 +284,7 @@ SIGKILL_CHILD = NET + """
 import sys
 from kernelwatch import KernelWatch
 model, n = net(), int(sys.argv[2])
-watch = KernelWatch(sys.argv[1], every=1)
+watch = KernelWatch(sys.argv[1], every=1, sprite_every=1, quality_every=1)
 step = 0
 with torch.no_grad():
     while True:
@@ -320,7 +320,7 @@ import os, sys
 from kernelwatch import KernelWatch
 log_dir, checkpoint = sys.argv[1], sys.argv[2]
 model = net()
-watch = KernelWatch(log_dir, every=2)
+watch = KernelWatch(log_dir, every=2, sprite_every=1, quality_every=1)
 for epoch in range(7):
     if epoch:
         train_epoch(model, epoch)
@@ -335,7 +335,7 @@ os._exit(0)  # dies after epoch 6 was written, without closing: the run resumes 
 def test_a_resumed_run_continues_the_timeline(tmp_path):
     reference_dir, resumed_dir, checkpoint = tmp_path / "reference", tmp_path / "resumed", tmp_path / "ckpt.pt"
     reference = net()
-    with KernelWatch(reference_dir, every=2) as watch:
+    with KernelWatch(reference_dir, every=2, sprite_every=1, quality_every=1) as watch:
         run_epochs(watch, reference, range(10))
     subprocess.run([sys.executable, "-c", CRASHED_RUN, str(resumed_dir), str(checkpoint)], check=True, env=ENV)
     assert assert_steps(resumed_dir, [0, 2, 4, 6])  # what the crashed run left
@@ -345,7 +345,7 @@ def test_a_resumed_run_continues_the_timeline(tmp_path):
     state = torch.load(checkpoint, weights_only=True)
     model = net()
     model.load_state_dict(state["model"])
-    watch = KernelWatch(resumed_dir, every=2)
+    watch = KernelWatch(resumed_dir, every=2, sprite_every=1, quality_every=1)
     watch.load_state_dict(state["watch"])
     assert not watch.snapshot(model, 4)  # already in the restored timeline
     assert run_epochs(watch, model, range(5, 10)) == [6, 8]
@@ -426,7 +426,7 @@ def test_a_worker_failure_is_logged_once_and_the_watch_stops(tmp_path, caplog):
 
 def test_no_depthwise_layers_fail_at_the_first_snapshot(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1))
-    watch = KernelWatch(tmp_path)  # the model is not known yet
+    watch = KernelWatch(tmp_path, sprite_every=1, quality_every=1)  # the model is not known yet
     with pytest.raises(KernelWatchError, match="no depthwise convolutions in Sequential"):
         watch.snapshot(model, 0)
     watch.close()
@@ -480,7 +480,7 @@ def test_bad_arguments():
 def test_public_api_and_state_dict(tmp_path):
     assert kernelwatch.KernelWatch is KernelWatch
     model = net()
-    with KernelWatch(tmp_path, every=2) as watch:
+    with KernelWatch(tmp_path, every=2, sprite_every=1, quality_every=1) as watch:
         run_epochs(watch, model, range(3))
         state = watch.state_dict()
         with pytest.raises(KernelWatchError, match="step must be an integer"):
@@ -504,7 +504,7 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
 for log_dir, strict in zip(sys.argv[2:], (False, True)):
     model = net()
-    watch = KernelWatch(log_dir, every=1, strict=strict)
+    watch = KernelWatch(log_dir, every=1, strict=strict, sprite_every=1, quality_every=1)
     for epoch in range(5):
         if epoch:
             train_epoch(model, epoch)
@@ -556,7 +556,7 @@ def test_steps_must_be_non_negative_int64(tmp_path):
     model = net()
     with pytest.raises(KernelWatchError, match="schedule"):
         KernelWatch(tmp_path / "other", schedule=[0, -5])
-    with KernelWatch(tmp_path, every=1) as watch:
+    with KernelWatch(tmp_path, every=1, sprite_every=1, quality_every=1) as watch:
         for bad in (2**63, -1, 2**64 + 3):
             with pytest.raises(KernelWatchError, match=r">= 0 and < 2\*\*63"):
                 watch.snapshot(model, bad)  # raised at the call, not by the worker
@@ -569,7 +569,7 @@ def test_steps_must_be_non_negative_int64(tmp_path):
 
 def test_a_restarting_step_counter_is_warned_once(tmp_path, caplog):
     model = net()
-    watch = KernelWatch(tmp_path, every=1)
+    watch = KernelWatch(tmp_path, every=1, sprite_every=1, quality_every=1)
     with caplog.at_level(logging.DEBUG, logger="kernelwatch"):
         taken = [watch.snapshot(model, batch) for epoch in range(3) for batch in range(3)]
     assert taken == [True, True, True] + [False] * 6
@@ -580,7 +580,7 @@ def test_a_restarting_step_counter_is_warned_once(tmp_path, caplog):
     watch.close()
     # A resumed run replaying the steps up to its checkpoint is not warned.
     caplog.clear()
-    resumed = KernelWatch(tmp_path, every=1)
+    resumed = KernelWatch(tmp_path, every=1, sprite_every=1, quality_every=1)
     resumed.load_state_dict(state)
     with caplog.at_level(logging.WARNING, logger="kernelwatch"):
         assert [resumed.snapshot(model, step) for step in (1, 2, 3)] == [False, False, True]
@@ -593,7 +593,7 @@ def test_a_restarting_step_counter_is_warned_once(tmp_path, caplog):
 HOLDER_CHILD = NET + """
 import sys, time
 from kernelwatch import KernelWatch
-watch = KernelWatch(sys.argv[1], every=1)
+watch = KernelWatch(sys.argv[1], every=1, sprite_every=1, quality_every=1)
 watch.snapshot(net(), 0)
 watch.flush()
 print("holding", flush=True)
@@ -609,14 +609,14 @@ def test_two_watches_on_one_log_dir_are_reported(tmp_path, caplog):
     try:
         assert child.stdout.readline().strip() == "holding"
         with caplog.at_level(logging.INFO, logger="kernelwatch"):
-            second = KernelWatch(tmp_path, every=1)
+            second = KernelWatch(tmp_path, every=1, sprite_every=1, quality_every=1)
         (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert f"pid {child.pid} on host" in warning and f"this one (pid {os.getpid()} on host" in warning
         assert "duplicate steps" in warning and str(lock) in warning
         second.close()
         assert lock.exists()  # the other process's, left alone
         with pytest.raises(KernelWatchError, match=f"pid {child.pid} on host"):
-            KernelWatch(tmp_path, every=1, strict=True)
+            KernelWatch(tmp_path, every=1, strict=True, sprite_every=1, quality_every=1)
         # Killed without closing (SIGTERM: its handler flushes, then the process dies).
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=60) == -signal.SIGTERM
@@ -626,17 +626,17 @@ def test_two_watches_on_one_log_dir_are_reported(tmp_path, caplog):
     # A restarted run takes the stale lock over, without a warning.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="kernelwatch"):
-        first = KernelWatch(tmp_path, every=1)
+        first = KernelWatch(tmp_path, every=1, sprite_every=1, quality_every=1)
     assert [r.levelno for r in caplog.records] == [logging.INFO]
     assert f"took over the lock in {str(tmp_path)!r} of pid {child.pid}" in caplog.records[0].getMessage()
     assert f'"pid": {os.getpid()}' in lock.read_text()
     # A second watch in this process.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kernelwatch"):
-        other = KernelWatch(tmp_path, every=1)
+        other = KernelWatch(tmp_path, every=1, sprite_every=1, quality_every=1)
     assert "another KernelWatch of this process already writes to" in caplog.records[0].getMessage()
     with pytest.raises(KernelWatchError, match="close the other watch first"):
-        KernelWatch(tmp_path, every=1, strict=True)
+        KernelWatch(tmp_path, every=1, strict=True, sprite_every=1, quality_every=1)
     other.close()
     first.close()
     assert not lock.exists()
@@ -644,7 +644,7 @@ def test_two_watches_on_one_log_dir_are_reported(tmp_path, caplog):
     lock.write_text('{"pid": 1, "host": "elsewhere.example", "since": "2024-01-01 00:00:00", "command": "train.py"}')
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kernelwatch"):
-        KernelWatch(tmp_path).close()
+        KernelWatch(tmp_path, sprite_every=1, quality_every=1).close()
     assert "pid 1 on host elsewhere.example, since 2024-01-01 00:00:00: train.py" in caplog.records[0].getMessage()
     assert lock.exists()
 
@@ -653,7 +653,7 @@ def test_a_kernel_size_change_gets_its_own_series(tmp_path, caplog):
     model = net()
     wider = nn.Conv2d(16, 16, 7, padding=3, groups=16)
     with caplog.at_level(logging.WARNING, logger="kernelwatch"):
-        watch = KernelWatch(tmp_path, every=1)
+        watch = KernelWatch(tmp_path, every=1, sprite_every=1, quality_every=1)
         watch.snapshot(model, 0)
         watch.snapshot(model, 1)
         five, model[1] = model[1], wider
@@ -667,7 +667,7 @@ def test_a_kernel_size_change_gets_its_own_series(tmp_path, caplog):
     assert "layer '1' changed from 5x5 to 7x7 at step 2" in warning and "'1@7x7'" in warning
     assert state["kernel_sizes"] == {"1": [5, 5]}
     # Resumed: the 7x7 kernels continue their own series.
-    resumed = KernelWatch(tmp_path, every=1)
+    resumed = KernelWatch(tmp_path, every=1, sprite_every=1, quality_every=1)
     resumed.load_state_dict(state)
     model[1] = wider
     resumed.snapshot(model, 5)
@@ -692,7 +692,7 @@ for log_dir in sys.argv[1:]:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
     try:
-        KernelWatch(log_dir)
+        KernelWatch(log_dir, sprite_every=1, quality_every=1)
     except KernelWatchError as err:
         print(err, flush=True)
 """
@@ -726,7 +726,7 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 model = net()
 fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
-watch = KernelWatch(sys.argv[1], every=1, handle_sigterm=False)
+watch = KernelWatch(sys.argv[1], every=1, handle_sigterm=False, sprite_every=1, quality_every=1)
 if rank == 0:  # only the writer's disk fills
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (60000, resource.RLIM_INFINITY))
