@@ -111,8 +111,9 @@ def test_invalid_kernels_are_labelled_invalid():
 
 
 def test_unsupported_sizes_and_methods_have_clear_errors():
-    with pytest.raises(kw.KernelWatchError, match="no pretrained spectrum for 9x9"):
-        kw.Spectrum.pretrained(kernel_size=9)
+    with pytest.raises(kw.KernelWatchError, match="no spectrum serves even sizes"):
+        kw.Spectrum.pretrained(kernel_size=6)
+    assert kw.Spectrum.pretrained(kernel_size=9).kernel_size == 7  # through the central area
     with pytest.raises(kw.KernelWatchError, match="unknown spectrum method"):
         kw.Spectrum.pretrained(kernel_size=5, method="pca")
     with pytest.raises(kw.KernelWatchError, match="3x3 but this spectrum is for 5x5"):
