@@ -25,7 +25,7 @@ from kernelwatch._config import SUPPORTED_KERNEL_SIZES
 from kernelwatch.errors import KernelWatchError
 
 #: Share of a layer's structured energy the chosen central window must hold.
-WINDOW_ENERGY = 0.9
+WINDOW_ENERGY = 0.95
 
 
 def unservable_reason(kernel_size: int) -> str | None:
