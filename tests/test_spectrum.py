@@ -1,5 +1,6 @@
 """The shipped spectra: offline loading, classification of real and null kernels, file format."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,13 @@ from kernelwatch.metrics import family
 from kernelwatch.pretrain import shuffled
 
 FIXTURE = Path(__file__).parent / "fixtures" / "efficientnet_lite0_kernels.npz"
+
+# The independent generator judges the spectra and never enters the package: load it by path.
+_spec = importlib.util.spec_from_file_location(
+    "independent_patterns", Path(__file__).parents[1] / "benchmarks" / "independent_patterns.py"
+)
+independent = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(independent)
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +159,27 @@ def test_intervals_cover_the_code_axis():
     intervals = spec.intervals()
     assert intervals[0][1] == 0.0 and intervals[-1][2] == 1.0
     assert all(a[0] != b[0] for a, b in zip(intervals, intervals[1:]))
+
+
+@pytest.mark.parametrize("k", [5, 7])
+def test_every_family_of_the_independent_generator_is_recognised(k):
+    spec = kw.Spectrum.pretrained(kernel_size=k)
+    for i, name in enumerate(independent.families(k)):
+        kernels, _ = independent.generate(name, 300, k, rng=100 + i)
+        res = spec.classify(kernels)
+        assert np.mean(res.clustered & (family(res.labels) == name)) >= 0.8, name
+
+
+def test_the_papers_thresholds_and_method_stay_reachable(real):
+    spec = kw.Spectrum.pretrained(kernel_size=5)
+    assert spec.family_thresholds and kw.PAPER_THRESHOLDS[5] == 0.2
+    uniform = spec.classify(real[5], threshold=0.2, exact=True)
+    np.testing.assert_array_equal(uniform.clustered, uniform.valid & (uniform.dissimilarity <= 0.2))
+    model = torch.nn.Conv2d(len(real[5]), len(real[5]), 5, groups=len(real[5]))
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(real[5])[:, None])
+    assert kw.analyze(model, threshold=0.2).clustered_fraction == pytest.approx(uniform.clustered.mean())
+    assert kw.analyze(model).clustered_fraction == pytest.approx(spec.classify(real[5]).clustered.mean())
+    paper = kw.Spectrum.pretrained(kernel_size=5, method="paper")
+    assert paper.method == "paper" and paper.threshold == 0.2 and not paper.family_thresholds
+    assert kw.Spectrum.pretrained(kernel_size=3, method="paper").method == "kmeans"  # section 5
