@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500, help="kernels per layer")
     args = parser.parse_args()
     spectrum = kw.Spectrum.pretrained(7)
-    print(f"{'layer':<26} {'approach':<32} " + " ".join(f"{f[:12]:>12}" for f in independent.DOG_FAMILIES) + "   shuffled")
+    print(f"{'layer':<26} {'approach':<32} " + " ".join(f"{f[:12]:>12}" for f in independent.DOG_FAMILIES) + "   shuffled (all families)")
     for i, (size, scale) in enumerate(LAYOUTS):
         cells, approaches, nulls = [], set(), []
         for j, name in enumerate(independent.DOG_FAMILIES):
@@ -45,7 +45,7 @@ def main() -> None:
             nulls.append(null.clustered.mean())
             approaches.add(approach.describe())
         layer = f"{size}x{size}" + (f" ({scale}x{scale} at centre)" if size > scale else "")
-        print(f"{layer:<26} {'/'.join(sorted(approaches)):<32} " + " ".join(f"{c:>12.1%}" for c in cells) + f"   {max(nulls):>7.1%}")
+        print(f"{layer:<26} {'/'.join(sorted(approaches)):<32} " + " ".join(f"{c:>12.1%}" for c in cells) + f"   {np.mean(nulls):>7.1%}")
     for size in (9, 13, 31, 51):
         noise = torch.from_numpy(np.random.default_rng(size).standard_normal((2000, size, size)).astype(np.float32))
         print(f"gaussian {size}x{size}: clustered {spectrum.classify(noise).clustered.mean():.1%} "

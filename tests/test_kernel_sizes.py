@@ -32,12 +32,12 @@ def depthwise(kernels: np.ndarray) -> nn.Conv2d:
 def large_model(shuffle: bool = False) -> tuple[nn.Module, dict[str, str]]:
     """A 9x9 layer of 9x9-scale first derivatives and a 31x31 layer holding 7x7-scale
     off-centre DoGs at its centre in faint noise (appendix I)."""
-    nine, _ = independent.generate("first-derivative", 128, 9, rng=11)
-    small, _ = independent.generate("off-centre", 128, 7, rng=12)
+    nine, _ = independent.generate("first-derivative", 512, 9, rng=11)
+    small, _ = independent.generate("off-centre", 512, 7, rng=12)
     big = independent.embed(small, 31, noise=0.02, rng=13)
     if shuffle:
         nine, big = (spatially_shuffled(torch.from_numpy(x), seed=5).numpy() for x in (nine, big))
-    model = nn.Sequential(depthwise(nine), nn.Conv2d(128, 128, 1), depthwise(big))
+    model = nn.Sequential(depthwise(nine), nn.Conv2d(512, 512, 1), depthwise(big))
     return model, {"0": "first-derivative", "2": "off-centre"}
 
 
