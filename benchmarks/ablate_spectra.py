@@ -66,7 +66,10 @@ def variants(k: int) -> dict[str, kw.Spectrum]:
 
 def held_out(spectrum: kw.Spectrum, k: int) -> tuple[float, float, float, str]:
     layers = extract_depthwise(load_checkpoint(fetch_package_checkpoint(HELD_OUT, default_cache_dir())))
-    kernels = np.concatenate([w.numpy() for w in layers.values() if w.shape[-1] == k])
+    found = [w.numpy() for w in layers.values() if w.shape[-1] == k]
+    if not found:  # no 7x7 layers in EfficientNet
+        return float("nan"), float("nan"), float("nan"), "-"
+    kernels = np.concatenate(found)
     res = spectrum.classify(kernels)
     null = spectrum.classify(shuffled(kernels, EVAL_SEED)).clustered.mean()
     noise = np.random.default_rng(EVAL_SEED).standard_normal((20_000, k, k)).astype(np.float32)

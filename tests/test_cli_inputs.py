@@ -313,7 +313,7 @@ def test_the_network_guard_catches_connections(run) -> None:
 
 
 def test_an_unexpected_failure_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path: Path) -> None:
-    def fail(target):
+    def fail(target, **options):
         raise ZeroDivisionError("boom\nsecond line")
 
     monkeypatch.setattr("kernelwatch.analysis.analyze", fail)
