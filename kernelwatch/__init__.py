@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from kernelwatch._config import CLUSTERS, INVALID, UNCLUSTERED
+from kernelwatch._config import CLUSTERS, INVALID, PAPER_THRESHOLDS, UNCLUSTERED
 from kernelwatch.errors import KernelWatchError
 
 __version__ = "0.1.0"
@@ -27,16 +27,18 @@ _LAZY = {
     "AnalysisReport": "kernelwatch.analysis",
     "LayerReport": "kernelwatch.analysis",
     "KernelWatch": "kernelwatch.monitor",
+    "SizeApproach": "kernelwatch.kernel_sizes",
 }
 _SUBMODULES = ("patterns", "init")
 
-__all__ = ["CLUSTERS", "INVALID", "UNCLUSTERED", "KernelWatchError", *_LAZY, *_SUBMODULES]
+__all__ = ["CLUSTERS", "INVALID", "PAPER_THRESHOLDS", "UNCLUSTERED", "KernelWatchError", *_LAZY, *_SUBMODULES]
 
 if TYPE_CHECKING:
     from kernelwatch import init, patterns
     from kernelwatch.analysis import AnalysisReport, LayerReport, analyze
     from kernelwatch.classification import ClassificationResult
     from kernelwatch.extraction import DepthwiseKernels, extract_depthwise
+    from kernelwatch.kernel_sizes import SizeApproach
     from kernelwatch.spectrum import Spectrum
 
 

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from kernelwatch._config import SUPPORTED_KERNEL_SIZES
 from kernelwatch.analysis import LayerReport, layer_report
 from kernelwatch.anomalies import Anomaly, AnomalyDetector
-from kernelwatch.extraction import DepthwiseKernels
 from kernelwatch.errors import KernelWatchError
+from kernelwatch.extraction import DepthwiseKernels
 from kernelwatch.format import UPDATE, WEIGHTS
+from kernelwatch.kernel_sizes import spectrum_size, unservable_reason
 from kernelwatch.metrics import layer_quality
 from kernelwatch.spectrum import Spectrum
 from kernelwatch.structure import classify_many_with_null
@@ -39,14 +39,15 @@ from kernelwatch.writing import EventWriter
 
 
 class SpectrumCache(dict[int, Spectrum]):
-    """The shipped spectra, each loaded once on first use; None for sizes without one."""
+    """The shipped spectra, each loaded once on first use; None for sizes none serves (even)."""
 
     def get_for(self, kernel_size: int) -> Spectrum | None:
-        if kernel_size not in SUPPORTED_KERNEL_SIZES:
+        if unservable_reason(kernel_size):
             return None
-        if kernel_size not in self:
-            self[kernel_size] = Spectrum.pretrained(kernel_size)
-        return self[kernel_size]
+        size = spectrum_size(kernel_size)
+        if size not in self:
+            self[size] = Spectrum.pretrained(size)
+        return self[size]
 
 
 @dataclass
@@ -96,7 +97,7 @@ def _due(key: Any, written: set[Any], scheduled: bool) -> bool:
 @dataclass
 class WrittenSnapshot:
     """What :func:`write_snapshot` analysed: per layer the weights lens and (after the
-    reference step) the update lens, the anomalies, and the layers no spectrum ships for.
+    reference step) the update lens, the anomalies, and the layers no spectrum serves (even sizes).
     ``deferred`` writes the sprites and quality metrics this snapshot skipped (its
     :class:`DetailCadence` said not now), at its step: for the run's last snapshot."""
 
@@ -133,25 +134,24 @@ def write_snapshot(
     on_device = on_device or {}
     order = {name: i for i, name in enumerate(conv_weights)}
     written = WrittenSnapshot()
-    # (layer, lens, kernels to classify, their CPU copy) of each kernel size, in model order.
+    # (layer, lens, kernels to classify, their CPU copy) per spectrum size, in model order.
     lenses: dict[int, list[tuple[str, str, torch.Tensor, torch.Tensor]]] = {}
     for name, layer in kernels.items():
-        k = layer.shape[-1]
-        if spectra.get_for(k) is None:
-            written.no_spectrum[name] = k
+        spectrum = spectra.get_for(layer.shape[-1])
+        if spectrum is None:
+            written.no_spectrum[name] = layer.shape[-1]
             continue
         here = on_device.get(name, layer)
-        lenses.setdefault(k, []).append((name, WEIGHTS, here, layer))
+        lenses.setdefault(spectrum.kernel_size, []).append((name, WEIGHTS, here, layer))
         update = reference.update(name, here, step)
         if update is not None:
-            lenses[k].append((name, UPDATE, update, update.cpu()))
+            lenses[spectrum.kernel_size].append((name, UPDATE, update, update.cpu()))
     reports: dict[tuple[str, str], tuple[LayerReport, torch.Tensor]] = {}
-    for k, items in lenses.items():
-        spectrum = spectra.get_for(k)
-        classified = classify_many_with_null([item[2] for item in items], spectrum)
-        for (name, lens, _, cpu), (result, null) in zip(items, classified):
+    for size, items in lenses.items():
+        classified = classify_many_with_null([item[2] for item in items], spectra.get_for(size))
+        for (name, lens, _, cpu), (result, null, approach) in zip(items, classified):
             dilation, weights = kernels.dilated.get(name), lens == WEIGHTS
-            report = layer_report(name, cpu, spectrum, result, null, dilation if weights else None, weights)
+            report = layer_report(name, cpu, result, null, approach, dilation if weights else None, weights)
             reports[name, lens] = report, cpu
     for name, layer in kernels.items():
         if name in written.no_spectrum:

@@ -25,6 +25,7 @@ import torch
 
 from kernelwatch._config import DEFAULT_SEED
 from kernelwatch.classification import ClassificationResult
+from kernelwatch.kernel_sizes import SizeApproach, adapt
 from kernelwatch.spectrum import Spectrum
 
 #: At most this many kernels of a layer are shuffled for its null level: enough to resolve the
@@ -75,44 +76,61 @@ _shuffle_order = lru_cache(maxsize=64)(_draw_order)
 
 
 def classify_with_null(
-    kernels: torch.Tensor, spectrum: Spectrum, seed: int = DEFAULT_SEED
+    kernels: torch.Tensor,
+    spectrum: Spectrum,
+    seed: int = DEFAULT_SEED,
+    approach: SizeApproach | None = None,
+    threshold: float | None = None,
 ) -> tuple[ClassificationResult, NullLevel]:
     """Classify ``[N, k, k]`` kernels, and the spatially shuffled copies of (at most
     :data:`MAX_NULL_KERNELS` evenly chosen of) them for their null level. One classification
-    call for both: on small layers its fixed cost is most of the work."""
-    return classify_many_with_null([kernels], spectrum, seed)[0]
+    call for both: on small layers its fixed cost is most of the work. Both are read by the
+    same ``approach`` (default: the one ``kernels`` call for) and ``threshold``
+    (see :meth:`Spectrum.classify`)."""
+    result, null, _ = classify_many_with_null([kernels], spectrum, seed, [approach], threshold)[0]
+    return result, null
 
 
 def classify_many_with_null(
-    layers: Sequence[torch.Tensor], spectrum: Spectrum, seed: int = DEFAULT_SEED
-) -> list[tuple[ClassificationResult, NullLevel]]:
-    """:func:`classify_with_null` of several layers' kernels (all of one size, on one device)
-    in a single classification call: a snapshot's layers and lenses together cost one search.
+    layers: Sequence[torch.Tensor],
+    spectrum: Spectrum,
+    seed: int = DEFAULT_SEED,
+    approaches: Sequence[SizeApproach | None] | None = None,
+    threshold: float | None = None,
+) -> list[tuple[ClassificationResult, NullLevel, SizeApproach]]:
+    """:func:`classify_with_null` of several layers' kernels (any sizes this spectrum serves,
+    on one device) in a single classification call: a snapshot's layers and lenses together
+    cost one search. Each layer is read by its ``approaches`` entry (None: the one its kernels
+    call for), which is returned with its result and null level.
 
     >>> import kernelwatch as kw
     >>> kernels = torch.as_tensor(kw.patterns.generate_mixture(64, 5, rng=0)[0])
-    >>> [len(result) for result, null in classify_many_with_null([kernels, kernels[:3]], kw.Spectrum.pretrained(5))]
+    >>> layers = classify_many_with_null([kernels, kernels[:3]], kw.Spectrum.pretrained(5))
+    >>> [len(result) for result, null, approach in layers]
     [64, 3]
     """
+    approaches = list(approaches or [None] * len(layers))
     parts = []
-    for kernels in layers:
+    for i, kernels in enumerate(layers):
         sample = kernels
         if len(kernels) > MAX_NULL_KERNELS:
             at = torch.linspace(0, len(kernels) - 1, MAX_NULL_KERNELS, device=kernels.device).round().long()
             sample = kernels[at]
-        parts += [kernels, spatially_shuffled(sample, seed)]
+        approaches[i] = approaches[i] or spectrum.approach_for(kernels)
+        parts += [adapt(kernels, approaches[i]), adapt(spatially_shuffled(sample, seed), approaches[i])]
     if not parts:
         return []
-    every = spectrum.classify(torch.cat(parts))
+    every = spectrum.classify(torch.cat(parts), threshold=threshold)
     out, start = [], 0
-    for kernels, shuffled_part in zip(parts[::2], parts[1::2]):
+    for kernels, shuffled_part, approach in zip(parts[::2], parts[1::2], approaches):
         middle, end = start + len(kernels), start + len(kernels) + len(shuffled_part)
         result, shuffled = every[start:middle], every[middle:end]
         start = end
         if not shuffled.valid.any():
-            out.append((result, NullLevel(float("nan"), float("nan"))))
+            out.append((result, NullLevel(float("nan"), float("nan")), approach))
         else:
-            out.append((result, NullLevel(float(shuffled.clustered.mean()), median_dissimilarity(shuffled))))
+            null = NullLevel(float(shuffled.clustered.mean()), median_dissimilarity(shuffled))
+            out.append((result, null, approach))
     return out
 
 
