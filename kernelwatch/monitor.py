@@ -132,7 +132,7 @@ class KernelWatch:
         handle_sigterm: bool = True,
         strict: bool = False,
         sprite_every: int = 10,
-        quality_every: int = 10,
+        quality_every: int = 20,
         classify_on_device: bool = True,
     ):
         self.log_dir = str(log_dir)

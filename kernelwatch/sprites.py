@@ -246,8 +246,10 @@ def _rounded(value: float) -> float | None:
 
 def _families(labels: np.ndarray) -> np.ndarray:
     """Drop subtypes; a label outside :data:`GROUPS` (a custom spectrum's) counts as "other"."""
-    family = np.array([label.split("/", 1)[0] for label in labels], dtype=str)
-    return np.where(np.isin(family, GROUPS), family, "other")
+    # Each distinct label once: a layer has hundreds of kernels but a dozen labels.
+    distinct, inverse = np.unique(labels, return_inverse=True)
+    family = np.array([label.split("/", 1)[0] for label in distinct], dtype=str)
+    return np.where(np.isin(family, GROUPS), family, "other")[inverse.reshape(-1)]
 
 
 def _pixels_per_weight(k: int) -> int:

@@ -458,7 +458,7 @@ def test_unsupported_sizes_are_skipped_with_one_warning(tmp_path, caplog):
         nn.Conv2d(8, 8, (1, 3), groups=8),
         nn.Conv2d(8, 8, 9, groups=8),  # served by the 7x7 spectrum through its central area
     )
-    with caplog.at_level(logging.WARNING, logger="kernelwatch"), KernelWatch(tmp_path) as watch:
+    with caplog.at_level(logging.WARNING, logger="kernelwatch"), KernelWatch(tmp_path, quality_every=1) as watch:
         for step in range(3):
             watch.snapshot(model, step)
     messages = [r.getMessage() for r in caplog.records]
