@@ -191,7 +191,8 @@ def test_lightning_steps_are_global_steps_and_resume(tmp_path, lightning_fit):
 
     log_dir = tmp_path / "kw"
     logger = TensorBoardLogger(tmp_path, name="lightning")
-    callback = integrations.KernelWatchLightningCallback(log_dir, every_n_steps=3)
+    # Quality metrics at every snapshot, to compare with Lightning's at each step.
+    callback = integrations.KernelWatchLightningCallback(log_dir, every_n_steps=3, quality_every=1)
     trainer = lightning_fit(tmp_path / "first", 2, callback, logger=logger, log_every_n_steps=1)
     assert snapshot_steps(log_dir) == [0, 3, 6, trainer.global_step] == [0, 3, 6, 8]
     lightning = EventAccumulator(logger.log_dir)
