@@ -1,6 +1,6 @@
 """The monitor's cost, every figure against a reference measured in the same run.
 
-    python benchmarks/bench_monitor.py            # all three parts, about 5 minutes on 2 cores
+    python benchmarks/bench_monitor.py            # all three parts, about 10 minutes on 2 cores
     python benchmarks/bench_monitor.py --parts worker overhead classify --repeats 3
 
 1. worker: the background worker's CPU per snapshot of timm's ``convnext_atto``,
