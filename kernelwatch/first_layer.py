@@ -1,0 +1,390 @@
+"""The first-layer lens: what a network's stem filters say about the images it was trained on.
+
+Two measures of the stem (the first convolution applied to the input):
+
+- the **energy profile** (Chowers & Weiss, ICML 2023): the share of the filters' energy along
+  each principal component of the input patches, beside the profile of a whitening filter bank
+  for the same patches, and a **whitening** score of how far the filters have gone from a flat
+  profile (random initialisation: 0) towards that prediction (1);
+- the **reflections** (Jorgenson et al., TAG-DS 2025): estimates of the training data's
+  sharpness, noise and per-channel colour strength, from the weights alone.
+
+Without a sample of patches the principal components come from a natural-image prior
+(:func:`prior_pca`). See ``docs/first_layer.md`` for the method, the calibration and its limits.
+
+>>> import torch, kernelwatch as kw
+>>> stem = torch.nn.Conv2d(3, 16, 4, stride=4)
+>>> report = kw.first_layer_report(stem.weight, stride=(4, 4))
+>>> report.source, report.eigenvalues.shape, round(float(report.energy_profile.sum()), 6)
+('prior', (48,), 1.0)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernelwatch.errors import KernelWatchError
+
+#: Patches :func:`analyze_first_layer` samples from ``data``.
+DEFAULT_PATCHES = 4096
+#: Regularisation of the whitening prediction, relative to the mean eigenvalue: the components
+#: far below it are mostly sensor noise and quantisation, and no finite training whitens them.
+WHITENING_EPSILON = 0.01
+#: The prior's correlation between any two input channels (RGB channels of photographs
+#: correlate at about 0.9: most of their variation is luminance).
+PRIOR_CHANNEL_CORRELATION = 0.9
+#: The prior's power spectrum is ``1 / (f**2 + f0**2)`` (cycles/px), the classic natural-image
+#: law; ``f0`` keeps the mean finite, at the scale of a 64-pixel field.
+PRIOR_F0 = 1 / 64
+
+
+@dataclass(frozen=True)
+class PatchPCA:
+    """Principal components of input patches: ``eigenvalues`` ``[D]`` descending, ``eigenvectors``
+    ``[D, D]`` (one per column). Computing it is the costly part of a report: callers measuring
+    the same data again can keep it and pass it as ``patches`` to :func:`first_layer_report`."""
+
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray
+    n_patches: int
+    source: str  # "data" or "prior"
+
+
+@dataclass(frozen=True)
+class FirstLayerReport:
+    """What the stem's filters say; see :mod:`kernelwatch.first_layer` and ``docs/first_layer.md``.
+
+    ``whitening``: 0 for a flat profile (random initialisation), 1 for the whitening prediction,
+    negative when the energy leans towards the high-variance components instead; None when the
+    eigenvalues are all equal (nothing to whiten). ``reflections``: ``sharpness`` and ``noise``
+    (each in [0, 1]) and ``colour`` (one value per input channel, 1 for a balanced channel).
+    """
+
+    layer: str
+    in_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    source: str
+    n_patches: int
+    eigenvalues: np.ndarray
+    energy_profile: np.ndarray
+    whitening_prediction: np.ndarray
+    whitening: float | None
+    reflections: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict of JSON types, with the fields' names."""
+        return {
+            "layer": self.layer,
+            "in_channels": self.in_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "source": self.source,
+            "n_patches": self.n_patches,
+            "eigenvalues": self.eigenvalues.tolist(),
+            "energy_profile": self.energy_profile.tolist(),
+            "whitening_prediction": self.whitening_prediction.tolist(),
+            "whitening": self.whitening,
+            "reflections": {
+                "sharpness": self.reflections["sharpness"],
+                "noise": self.reflections["noise"],
+                "colour": list(self.reflections["colour"]),
+            },
+        }
+
+
+# -- finding the stem --------------------------------------------------------------------------
+
+
+def find_stem(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    """The first 2-D convolution of ``model`` in registration order, which is the one applied
+    to the input in ResNets, ConvNeXts, EfficientNets, ViT patch embeddings and timm models;
+    its name without wrapper levels (DDP, ``torch.compile``, FSDP).
+
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Conv2d(8, 8, 7, groups=8))
+    >>> find_stem(model)[0]
+    '0'
+    """
+    from kernelwatch.extraction import _bare_named_modules
+
+    for name, module in _bare_named_modules(model):
+        if isinstance(module, nn.Conv2d):
+            return name, module
+    raise KernelWatchError(f"no nn.Conv2d in {type(model).__name__}: the first-layer lens needs a convolutional stem")
+
+
+def _stem_of_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    """The first ``[O, C, kh, kw]`` floating-point ``*weight`` entry: state dicts keep registration order."""
+    from kernelwatch.extraction import _bare_key
+
+    for key, weight in state_dict.items():
+        if key.endswith("weight") and weight.ndim == 4 and weight.is_floating_point():
+            return _bare_key(key.removesuffix(".weight")), weight
+    raise KernelWatchError("the state dict holds no 4-D convolution weight: the first-layer lens needs a convolutional stem")
+
+
+# -- patches and their principal components ------------------------------------------------------
+
+
+def image_patches(
+    images: torch.Tensor | np.ndarray,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    limit: int,
+    generator: torch.Generator | None = None,
+) -> np.ndarray:
+    """At most ``limit`` patches ``[N, C*kh*kw]`` (float32, in a conv weight's ``C, kh, kw``
+    order) at random positions of the stride grid of ``images`` ``[N, C, H, W]``.
+
+    Only the chosen patches are copied, so a large batch costs little. Without ``generator``
+    the choice is seeded (0) and the global random state is left alone: a training's batches
+    do not change because it is being watched.
+
+    >>> image_patches(torch.zeros(2, 3, 8, 8), (4, 4), (4, 4), limit=5).shape
+    (5, 48)
+    """
+    x = torch.as_tensor(images).detach()
+    if x.ndim != 4:
+        raise KernelWatchError(f"images must be a batch [N, C, H, W], got shape {list(x.shape)}")
+    kh, kw = kernel_size
+    sy, sx = stride
+    n, c, h, w = x.shape
+    if h < kh or w < kw or n == 0:
+        raise KernelWatchError(f"images {list(x.shape)} hold no {kh}x{kw} patch")
+    if limit < 1:
+        raise KernelWatchError(f"limit must be >= 1, got {limit}")
+    x = x.to(device="cpu", dtype=torch.float32)
+    ny, nx = (h - kh) // sy + 1, (w - kw) // sx + 1
+    total = n * ny * nx
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    if total <= limit:
+        index = torch.arange(total)
+    elif total <= 16 * limit:
+        index = torch.randperm(total, generator=generator)[:limit]
+    else:  # a permutation of millions of positions would cost more than the patches; repeats are rare
+        index = torch.randint(total, (limit,), generator=generator)
+    image, rest = index // (ny * nx), index % (ny * nx)
+    ys, xs = (rest // nx) * sy, (rest % nx) * sx
+    rows = ys[:, None, None] + torch.arange(kh)[None, :, None]
+    cols = xs[:, None, None] + torch.arange(kw)[None, None, :]
+    patches = x[image[:, None, None], :, rows, cols]  # [L, kh, kw, C]: advanced indices first
+    out = patches.permute(0, 3, 1, 2).reshape(len(index), c * kh * kw).numpy()
+    if not np.isfinite(out).all():
+        raise KernelWatchError("the images hold NaN or Inf values")
+    return out
+
+
+def patch_pca(patches: np.ndarray) -> PatchPCA:
+    """Principal components of ``patches`` ``[N, D]`` (their covariance about the mean patch).
+
+    >>> pca = patch_pca(np.random.default_rng(0).standard_normal((500, 12)))
+    >>> pca.eigenvalues.shape, bool(np.all(np.diff(pca.eigenvalues) <= 0))
+    ((12,), True)
+    """
+    x = np.asarray(patches, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise KernelWatchError(f"patches must be [N, D] with N >= 2, got shape {list(x.shape)}")
+    if not np.isfinite(x).all():
+        raise KernelWatchError("the patches hold NaN or Inf values")
+    x = x - x.mean(0)
+    return _pca(x.T @ x / (len(x) - 1), len(x), "data")
+
+
+@functools.lru_cache(maxsize=32)
+def prior_pca(in_channels: int, kernel_size: tuple[int, int]) -> PatchPCA:
+    """Principal components of patches of a natural-image prior: a ``1 / f**2`` power spectrum
+    (``f`` in cycles/px, ``f0 =`` :data:`PRIOR_F0`) in every channel, channels correlated at
+    :data:`PRIOR_CHANNEL_CORRELATION`. Cached per shape.
+
+    >>> pca = prior_pca(3, (5, 5))
+    >>> pca.source, pca.eigenvalues.shape
+    ('prior', (75,))
+    """
+    kh, kw = kernel_size
+    grid = 64
+    f = np.fft.fftfreq(grid)
+    power = 1.0 / (f[:, None] ** 2 + f[None, :] ** 2 + PRIOR_F0**2)
+    lag = np.real(np.fft.ifft2(power))  # the stationary covariance at each (dy, dx) lag
+    dy = np.subtract.outer(np.arange(kh), np.arange(kh))
+    dx = np.subtract.outer(np.arange(kw), np.arange(kw))
+    spatial = lag[dy[:, None, :, None], dx[None, :, None, :]].reshape(kh * kw, kh * kw)
+    channels = np.full((in_channels, in_channels), PRIOR_CHANNEL_CORRELATION)
+    np.fill_diagonal(channels, 1.0)
+    return _pca(np.kron(channels, spatial), 0, "prior")
+
+
+def _pca(covariance: np.ndarray, n: int, source: str) -> PatchPCA:
+    values, vectors = np.linalg.eigh(covariance)
+    values = np.clip(values[::-1], 0.0, None)  # rounding can make the smallest slightly negative
+    return PatchPCA(values, np.ascontiguousarray(vectors[:, ::-1]), n, source)
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def first_layer_report(
+    weight: torch.Tensor | np.ndarray,
+    patches: np.ndarray | PatchPCA | None = None,
+    layer: str = "",
+    stride: tuple[int, int] = (1, 1),
+) -> FirstLayerReport:
+    """The report of a stem ``weight`` ``[O, C, kh, kw]``, measured against ``patches``
+    (``[N, C*kh*kw]``, e.g. from :func:`image_patches`, or their :func:`patch_pca`) or,
+    without them, against the natural-image prior.
+
+    >>> w = np.random.default_rng(0).standard_normal((64, 3, 5, 5))
+    >>> abs(first_layer_report(w).whitening) < 0.1  # random filters: a flat profile
+    True
+    """
+    w = _as_weight(weight)
+    out_channels, in_channels, kh, kw = w.shape
+    if patches is None:
+        pca = prior_pca(in_channels, (kh, kw))
+    elif isinstance(patches, PatchPCA):
+        pca = patches
+    else:
+        pca = patch_pca(patches)
+    dim = in_channels * kh * kw
+    if pca.eigenvectors.shape != (dim, dim):
+        raise KernelWatchError(
+            f"patches of {len(pca.eigenvalues)} values do not fit a {in_channels}x{kh}x{kw} stem ({dim} values)"
+        )
+    energy = ((w.reshape(out_channels, dim) @ pca.eigenvectors) ** 2).sum(0)
+    energy = energy / energy.sum()
+    prediction = whitening_prediction(pca.eigenvalues)
+    return FirstLayerReport(
+        layer=layer,
+        in_channels=in_channels,
+        kernel_size=(kh, kw),
+        stride=(int(stride[0]), int(stride[1])),
+        source=pca.source,
+        n_patches=pca.n_patches,
+        eigenvalues=pca.eigenvalues,
+        energy_profile=energy,
+        whitening_prediction=prediction,
+        whitening=whitening_score(energy, prediction),
+        reflections=reflections(w),
+    )
+
+
+def whitening_prediction(eigenvalues: np.ndarray) -> np.ndarray:
+    """The energy profile of a whitening filter bank, ``1 / (lambda + eps)`` normalised to sum
+    to 1 (``eps = WHITENING_EPSILON * mean(lambda)``): a bank ``W`` with ``W C W^T = I`` for the
+    patch covariance ``C`` has energy ``1 / lambda_i`` along component ``i``."""
+    values = np.asarray(eigenvalues, dtype=np.float64)
+    inverse = 1.0 / (values + WHITENING_EPSILON * max(values.mean(), 1e-30))
+    return inverse / inverse.sum()
+
+
+def whitening_score(profile: np.ndarray, prediction: np.ndarray) -> float | None:
+    """How far ``profile`` has gone from flat (0) towards ``prediction`` (1), on log scales:
+    the projection of ``log(profile)`` on ``log(prediction)``, both centred.
+
+    >>> p = whitening_prediction(np.array([4.0, 2.0, 1.0, 0.5]))
+    >>> whitening_score(np.full(4, 0.25), p), round(whitening_score(p, p), 6)
+    (0.0, 1.0)
+    """
+    target = np.log(prediction)
+    target = target - target.mean()
+    norm = float(target @ target)
+    if norm < 1e-12:
+        return None
+    log_profile = np.log(np.maximum(profile, 1e-12))
+    return float((log_profile - log_profile.mean()) @ target / norm)
+
+
+# -- reflections -------------------------------------------------------------------------------
+
+
+def reflections(weight: np.ndarray) -> dict[str, Any]:
+    """Estimates of the training data's sharpness, noise and colour from stem weights
+    ``[O, C, kh, kw]`` alone; see ``docs/first_layer.md`` for their calibration."""
+    w = _as_weight(weight)
+    _, in_channels, kh, kw = w.shape
+    size = 16
+    power = np.abs(np.fft.fft2(w, s=(size, size))) ** 2  # [O, C, size, size]
+    f = np.fft.fftfreq(size)
+    radius = np.hypot(f[:, None], f[None, :])
+    spectrum = power.sum((0, 1))
+    ac = spectrum[radius > 0].sum()
+    high = spectrum[radius >= 0.25].sum() / ac
+    top = spectrum[radius >= 0.4].sum() / max(spectrum[radius >= 0.25].sum(), 1e-30)
+    channel = (w**2).sum((0, 2, 3))
+    colour = in_channels * channel / channel.sum()
+    return {"sharpness": float(1.0 - high), "noise": float(top), "colour": [float(v) for v in colour]}
+
+
+def _as_weight(weight: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(weight, torch.Tensor):
+        weight = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 4:
+        raise KernelWatchError(f"a stem weight is [out, in, kh, kw], got shape {list(w.shape)}")
+    if w.size == 0:
+        raise KernelWatchError(f"the stem weight {list(w.shape)} is empty")
+    if not np.isfinite(w).all():
+        raise KernelWatchError(f"the stem weight {list(w.shape)} holds NaN or Inf values")
+    if not np.any(w):
+        raise KernelWatchError(f"the stem weight {list(w.shape)} is all zero")
+    return w
+
+
+# -- models and checkpoints --------------------------------------------------------------------
+
+
+def analyze_first_layer(
+    model_or_checkpoint: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str],
+    data: torch.Tensor | np.ndarray | None = None,
+) -> FirstLayerReport:
+    """The :class:`FirstLayerReport` of the stem of a model, state dict or checkpoint path (as
+    :func:`kernelwatch.analyze` takes), against patches of ``data`` ``[N, C, H, W]`` (the
+    model's input, normalised as in training) or the natural-image prior.
+
+    A state dict does not tell the stem's stride: 1 is assumed (patch statistics hardly depend
+    on it). The stem is the first convolution in registration order.
+
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8))
+    >>> report = analyze_first_layer(model, torch.randn(4, 3, 16, 16))
+    >>> report.layer, report.source, report.n_patches
+    ('0', 'data', 784)
+    """
+    from kernelwatch.extraction import _state_dict_of, load_checkpoint
+
+    if isinstance(model_or_checkpoint, nn.Module):
+        layer, conv = find_stem(model_or_checkpoint)
+        weight, stride = conv.weight, tuple(conv.stride)
+    elif isinstance(model_or_checkpoint, (str, os.PathLike)):
+        layer, weight = _stem_of_state_dict(load_checkpoint(model_or_checkpoint))
+        stride = (1, 1)
+    elif isinstance(model_or_checkpoint, Mapping):
+        layer, weight = _stem_of_state_dict(_state_dict_of(model_or_checkpoint, "state dict"))
+        stride = (1, 1)
+    else:
+        raise KernelWatchError(
+            "analyze_first_layer expects an nn.Module, a state dict or a checkpoint path, "
+            f"got {type(model_or_checkpoint).__name__}"
+        )
+    if weight.is_meta:
+        raise KernelWatchError(f"the stem {layer or '<root>'} is on the meta device and holds no values")
+    if weight.layout != torch.strided:  # e.g. a pruned checkpoint saved sparse
+        weight = weight.to_dense()
+    patches = None
+    if data is not None:
+        data = torch.as_tensor(data)
+        if data.ndim == 4 and data.shape[1] != weight.shape[1]:
+            raise KernelWatchError(
+                f"data has {data.shape[1]} channels, the stem {layer or '<root>'} takes {weight.shape[1]}"
+            )
+        patches = image_patches(data, tuple(weight.shape[2:]), stride, DEFAULT_PATCHES)
+    try:
+        return first_layer_report(weight, patches, layer=layer, stride=stride)
+    except KernelWatchError as err:
+        raise KernelWatchError(f"first layer {layer or '<root>'}: {err}") from err
