@@ -169,6 +169,7 @@ class KernelWatch:
         self._warned: set[str] = set()
         self._first_layer = bool(first_layer)  # until the stem is looked for
         self._sampler: PatchSampler | None = None
+        self._stem_previous: torch.Tensor | None = None  # the worker's: the stem at the last snapshot
         self._writer: EventWriter | None = None
         self._dir_lock: DirLock | None = None
         self._worker: threading.Thread | None = None
@@ -565,7 +566,8 @@ class KernelWatch:
         if snapshot.stem is not None:
             conv = self._sampler.module
             patches = sample_patches(snapshot.inputs, conv.kernel_size, conv.stride)
-            stem = StemInput(snapshot.stem, tuple(conv.stride), patches)
+            stem = StemInput(snapshot.stem, tuple(conv.stride), patches, self._stem_previous)
+            self._stem_previous = snapshot.weights[snapshot.stem]
         written = write_snapshot(
             writer, step, kernels, snapshot.weights, self._spectra, self._reference, self._detector, self.max_kernels,
             stem=stem,
@@ -578,6 +580,10 @@ class KernelWatch:
             ", ".join(f"{name or '<root>'} ({k}x{k})" for name, k in written.no_spectrum.items()),
             SUPPORTED_KERNEL_SIZES,
             when=bool(written.no_spectrum),
+        )
+        self._warn_once(
+            "first_layer", "no first-layer record (warned once): %s", written.first_layer_error,
+            when=written.first_layer_error is not None,
         )
         # One flush per snapshot: a process killed later keeps this snapshot readable.
         writer.flush()

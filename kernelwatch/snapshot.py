@@ -27,6 +27,7 @@ import torch
 from kernelwatch._config import SUPPORTED_KERNEL_SIZES
 from kernelwatch.analysis import LayerReport, analyze_layer
 from kernelwatch.anomalies import Anomaly, AnomalyDetector
+from kernelwatch.errors import KernelWatchError
 from kernelwatch.extraction import DepthwiseKernels
 from kernelwatch.format import UPDATE
 from kernelwatch.metrics import layer_quality
@@ -43,11 +44,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class StemInput:
     """The model's stem, for the first-layer lens: its layer name (a key of the snapshot's
-    conv weights), its stride, and a sample of its input patches (None: the prior)."""
+    conv weights), its stride, a sample of its input patches (None: the prior), and its
+    weight at the previous snapshot (whose update since then the anomaly rule (e) reads)."""
 
     layer: str
     stride: tuple[int, int]
     patches: np.ndarray | None = None
+    previous: torch.Tensor | None = None
 
 
 class SpectrumCache(dict[int, Spectrum]):
@@ -71,6 +74,7 @@ class WrittenSnapshot:
     anomalies: list[Anomaly] = field(default_factory=list)
     no_spectrum: dict[str, int] = field(default_factory=dict)  # layer -> kernel size
     first_layer: FirstLayerReport | None = None
+    first_layer_error: str | None = None  # why the stem had no report (NaN weights, ...)
 
 
 def write_snapshot(
@@ -109,13 +113,22 @@ def write_snapshot(
     for name, weight in conv_weights.items():
         if not weight.is_meta:
             writer.write_quality(step, name, layer_quality(weight), order=order[name])
+    stem_update = None
     if stem is not None and not conv_weights[stem.layer].is_meta:
-        from kernelwatch.first_layer import first_layer_report
+        from kernelwatch.first_layer import first_layer_report, reflections
 
         weight = conv_weights[stem.layer]
-        written.first_layer = first_layer_report(weight, stem.patches, layer=stem.layer, stride=stem.stride)
-        writer.write_first_layer(step, weight, written.first_layer.to_json(), max_filters=max_kernels)
-    written.anomalies = detector.update(step, written.reports, written.updates, first_layer=written.first_layer)
+        try:
+            written.first_layer = first_layer_report(weight, stem.patches, layer=stem.layer, stride=stem.stride)
+            if stem.previous is not None and stem.previous.shape == weight.shape and not torch.equal(stem.previous, weight):
+                stem_update = reflections((weight - stem.previous).numpy())
+        except KernelWatchError as err:  # NaN weights: the invalid-kernel rule says so
+            written.first_layer_error = f"first layer {stem.layer or '<root>'}: {err}"
+        if written.first_layer is not None:
+            writer.write_first_layer(step, weight, written.first_layer.to_json(), max_filters=max_kernels)
+    written.anomalies = detector.update(
+        step, written.reports, written.updates, first_layer=written.first_layer, stem_update=stem_update
+    )
     writer.write_anomalies(step, [a.to_dict() for a in written.anomalies])
     return written
 
