@@ -2,7 +2,7 @@
 pre-hook: the patches that the first-layer lens (:mod:`kernelwatch.first_layer`) measures the
 stem's filters against, with no extra forward pass.
 
-On every ``every``-th call of the stem in training mode, the hook copies one crop of
+On every ``every``-th (by default second) call of the stem in training mode, the hook copies one crop of
 ``images`` consecutive images of the batch (a window of ``8 x 8`` of the stem's patch
 positions, on its stride grid, at a random place) off the device: a view and one small copy,
 non-blocking from CUDA (a CUDA event marks its end; the reader waits on it, never the
@@ -63,7 +63,7 @@ class PatchSampler:
     the module's docstring. ``remove()`` takes the hook off."""
 
     def __init__(
-        self, module: nn.Module, *, max_patches: int = 4096, every: int = 4, images: int = 2, seed: int = 0
+        self, module: nn.Module, *, max_patches: int = 4096, every: int = 2, images: int = 2, seed: int = 0
     ):
         if not isinstance(module, nn.Conv2d):
             raise KernelWatchError(f"PatchSampler needs an nn.Conv2d, got {type(module).__name__}")
