@@ -355,21 +355,25 @@ def _regression(step: int, name: str, layer: LayerReport, best: float, config: A
 
 #: A flag of rule (e) must hold at this many snapshots in a row.
 SHIFT_PERSISTENCE = 2
+#: Fewer sampled patches than this give no input detail: a small sample's smallest variances
+#: come out low (a training's first snapshots measured half the detail of its later ones).
+MIN_DETAIL_PATCHES = 2048
 
 
 def input_detail(report: FirstLayerReport) -> float | None:
     """The share of the input patches' variance in the second half of their principal
     components (the smallest): the finest detail of the data, which blur takes away and noise
     adds (on dead-leaves images, 5x5 patches: 5e-5, blurred by sigma 1.5 px 1e-6, with noise of
-    half their standard deviation 0.09). None for a report against the prior, not sampled inputs.
+    half their standard deviation 0.09). None for a report against the prior, or against fewer
+    than :data:`MIN_DETAIL_PATCHES` sampled patches.
 
     >>> from types import SimpleNamespace
-    >>> input_detail(SimpleNamespace(source="data", eigenvalues=np.array([4.0, 2.0, 1.0, 1.0])))
+    >>> input_detail(SimpleNamespace(source="data", n_patches=4096, eigenvalues=np.array([4.0, 2.0, 1.0, 1.0])))
     0.25
     """
     values = np.asarray(report.eigenvalues, dtype=np.float64)
     total = values.sum()
-    if report.source != "data" or not total > 0:
+    if report.source != "data" or report.n_patches < MIN_DETAIL_PATCHES or not total > 0:
         return None
     return float(values[len(values) // 2 :].sum() / total)
 

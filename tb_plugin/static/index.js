@@ -819,7 +819,7 @@ function drawReflections(box, timeline, channels) {
     xAxis: grids.map((_, i) => ({ type: "value", gridIndex: i, min: first, max: last > first ? last : first + 1, minInterval: 1,
       axisLabel: { show: i === grids.length - 1, formatter: integerTick, hideOverlap: true } })),
     yAxis: [["whitening", null], ["sharpness, noise", null], ["colour", null]].map(([name], i) => ({
-      type: "value", gridIndex: i, scale: true, name, nameLocation: "middle", nameGap: 42, nameTextStyle: { fontSize: 11 },
+      type: "value", gridIndex: i, scale: true, splitNumber: 2, name, nameLocation: "middle", nameGap: 42, nameTextStyle: { fontSize: 11 },
       axisLabel: { formatter: (v) => num(v, 2) } })),
     series,
   }, true);
