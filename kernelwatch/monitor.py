@@ -563,10 +563,14 @@ class KernelWatch:
         )
         kernels.dilated.update(snapshot.dilation)
         stem = None
-        if snapshot.stem is not None:
+        if snapshot.stem in snapshot.weights:  # not when its kernel size changed (renamed)
             conv = self._sampler.module
-            patches = sample_patches(snapshot.inputs, conv.kernel_size, conv.stride)
-            stem = StemInput(snapshot.stem, tuple(conv.stride), patches, self._stem_previous)
+            try:
+                patches = sample_patches(snapshot.inputs, conv.kernel_size, conv.stride)
+            except KernelWatchError as err:  # inputs with NaN: no record, the rest is written
+                self._warn_once("first_layer", "no first-layer record (warned once): %s", err, when=True)
+            else:
+                stem = StemInput(snapshot.stem, tuple(conv.stride), patches, self._stem_previous)
             self._stem_previous = snapshot.weights[snapshot.stem]
         written = write_snapshot(
             writer, step, kernels, snapshot.weights, self._spectra, self._reference, self._detector, self.max_kernels,

@@ -240,3 +240,16 @@ def test_a_pipeline_that_starts_adding_noise_half_way_is_flagged_and_the_control
     shift = [f for f in flags if f["kind"] == "first_layer_shift"]
     assert shift and shift[-1]["layer"] == "0" and "input_detail" in shift[-1]["numbers"]
     assert "sees different data than at the start of the run" in shift[-1]["message"]
+
+
+def test_inputs_with_nan_skip_the_first_layer_record_with_one_warning(tmp_path, caplog):
+    model = stem_net()
+    with KernelWatch(tmp_path, every=2, handle_sigterm=False) as watch:
+        for step in range(5):
+            watch.snapshot(model, step)
+            model(torch.full((2, 3, 40, 40), float("nan")))
+    warnings = [r.getMessage() for r in caplog.records if "first-layer record" in r.getMessage()]
+    assert len(warnings) == 1 and "NaN" in warnings[0] and watch.steps == (0, 2, 4)
+    body = backend.get_json(backend.make_client(tmp_path.parent), f"first_layer?run={tmp_path.name}")
+    assert body["steps"] == [0]  # before any input; the depthwise layers' records go on
+    assert len(backend.get_json(backend.make_client(tmp_path.parent), f"anomalies?run={tmp_path.name}")["checked_steps"]) == 3
