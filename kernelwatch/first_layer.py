@@ -44,6 +44,10 @@ PRIOR_CHANNEL_CORRELATION = 0.9
 #: The prior's power spectrum is ``1 / (f**2 + f0**2)`` (cycles/px), the classic natural-image
 #: law; ``f0`` keeps the mean finite, at the scale of a 64-pixel field.
 PRIOR_F0 = 1 / 64
+#: Spatial frequencies (cycles/px) whose cross-channel agreement measures sharpness: where a
+#: 1.5 px blur removes most of the signal and sharp images still carry some
+#: (``benchmarks/validate_first_layer.py``).
+SHARPNESS_BAND = (0.2, 0.3)
 
 
 @dataclass(frozen=True)
@@ -270,7 +274,7 @@ def first_layer_report(
         eigenvalues=pca.eigenvalues,
         energy_profile=energy,
         whitening_prediction=prediction,
-        whitening=whitening_score(energy, prediction),
+        whitening=whitening_score(energy, pca.eigenvalues, out_channels),
         reflections=reflections(w),
     )
 
@@ -284,42 +288,104 @@ def whitening_prediction(eigenvalues: np.ndarray) -> np.ndarray:
     return inverse / inverse.sum()
 
 
-def whitening_score(profile: np.ndarray, prediction: np.ndarray) -> float | None:
-    """How far ``profile`` has gone from flat (0) towards ``prediction`` (1), on log scales:
-    the projection of ``log(profile)`` on ``log(prediction)``, both centred.
+def whitening_score(profile: np.ndarray, eigenvalues: np.ndarray, n_filters: int) -> float | None:
+    """How far along the linear-systems trajectory towards whitening (Chowers & Weiss) a
+    ``profile`` of ``n_filters`` filters is: 0 at initialisation, 1 once every component is whitened.
 
-    >>> p = whitening_prediction(np.array([4.0, 2.0, 1.0, 0.5]))
-    >>> whitening_score(np.full(4, 0.25), p), round(whitening_score(p, p), 6)
-    (0.0, 1.0)
+    Gradient descent moves a linear first layer along component ``i`` at a rate proportional to
+    its eigenvalue ``lambda_i`` towards a whitening target of energy ``~ 1 / lambda_i``, so that
+    after training time ``tau`` the profile is ``a + b * (1 - exp(-lambda_i tau))**2 / lambda_i``
+    (a bump that moves from the high-variance components towards the low-variance ones). ``tau``,
+    ``a`` and ``b >= 0`` are fitted to the profile; the score is the mean over the components of
+    their progress ``1 - exp(-lambda_i tau)`` (components with ``lambda_i`` near 0 never progress),
+    ramped down to 0 when the profile deviates from flat no more than a random bank of
+    ``n_filters`` filters may. None without distinct eigenvalues.
+
+    >>> lam = np.geomspace(10, 0.1, 20)
+    >>> whitening_score(np.full(20, 0.05), lam, 64)
+    0.0
+    >>> bump = 0.2 + (1 - np.exp(-lam / lam.mean() * 2.0)) ** 2 / (lam / lam.mean())  # tau = 2
+    >>> round(whitening_score(bump / bump.sum(), lam, 4096), 2), round(float(np.mean(1 - np.exp(-lam / lam.mean() * 2))), 2)
+    (0.57, 0.57)
     """
-    target = np.log(prediction)
-    target = target - target.mean()
-    norm = float(target @ target)
-    if norm < 1e-12:
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    if lam.max() - lam.min() <= 1e-12 * max(lam.max(), 1e-300):
         return None
-    log_profile = np.log(np.maximum(profile, 1e-12))
-    return float((log_profile - log_profile.mean()) @ target / norm)
+    lam = lam / lam.mean()
+    energy = np.asarray(profile, dtype=np.float64) * len(lam)  # mean 1
+    deviation = float(((energy - 1.0) ** 2).sum())
+    # A random bank's energies are chi-square with n_filters degrees of freedom (variance 2 / n
+    # each, 2 D / n in all): up to twice that is noise (0), from three times on all signal (1).
+    signal = float(np.clip(deviation / (2.0 * len(lam) / max(n_filters, 1)) - 2.0, 0.0, 1.0))
+    if signal == 0.0:
+        return 0.0
+    progress = 1.0 - np.exp(-np.outer(_TAUS, lam))  # [taus, D]
+    shape = progress**2 / np.maximum(lam, 1e-300)
+    centred = shape - shape.mean(1, keepdims=True)
+    b = centred @ (energy - 1.0) / np.maximum((centred**2).sum(1), 1e-300)
+    residual = (((energy - 1.0) - b[:, None] * centred) ** 2).sum(1)
+    residual[b <= 0] = deviation  # an inverted bump is no stage of the trajectory
+    best = int(np.argmin(residual))
+    if residual[best] >= deviation:
+        return 0.0
+    return float(progress[best].mean() * signal)
+
+
+#: Training times tried by :func:`whitening_score`, in units of 1 / mean eigenvalue.
+_TAUS = np.geomspace(1e-3, 1e4, 141)
 
 
 # -- reflections -------------------------------------------------------------------------------
 
 
-def reflections(weight: np.ndarray) -> dict[str, Any]:
+def reflections(weight: torch.Tensor | np.ndarray) -> dict[str, Any]:
     """Estimates of the training data's sharpness, noise and colour from stem weights
-    ``[O, C, kh, kw]`` alone; see ``docs/first_layer.md`` for their calibration."""
+    ``[O, C, kh, kw]`` alone, each a departure from what random filters show. Compare them
+    between stems of the same architecture (trainings, checkpoints of one run); see
+    ``docs/first_layer.md`` for the calibration, the directions measured and where they fail.
+
+    - ``sharpness`` in [0, 1]: how much the filters agree across input channels at fine
+      scales (0.2 to 0.3 cycles/px), ``|sum_c W_c(f)|**2 / (C sum_c |W_c(f)|**2)``; random
+      filters give ``1 / C``. Fine detail in the data teaches the stem luminance edges there;
+      blurred data leaves that band near its random initialisation. With one input channel:
+      the band's share of the filters' power (not calibrated).
+    - ``noise`` in [0, 1]: ``(1 + r) / 2`` for ``r`` the filters' correlation between
+      neighbouring pixels; random filters give 0.5. Measured: noisy data makes the filters
+      smoother, not rougher (noise adds variance at high frequencies, and whitening filters
+      weigh a component less the more variance it has).
+    - ``colour``: per input channel, the inverse of the filters' share of response to a uniform
+      offset of that channel, normalised to mean 1: a stronger channel gets smaller weights
+      (whitening again), so a larger value.
+
+    >>> r = reflections(np.random.default_rng(0).standard_normal((64, 3, 5, 5)))
+    >>> round(r["sharpness"], 1), round(r["noise"], 1), len(r["colour"])
+    (0.3, 0.5, 3)
+    """
     w = _as_weight(weight)
     _, in_channels, kh, kw = w.shape
     size = 16
-    power = np.abs(np.fft.fft2(w, s=(size, size))) ** 2  # [O, C, size, size]
+    spectra = np.fft.fft2(w, s=(size, size))  # [O, C, size, size]
     f = np.fft.fftfreq(size)
     radius = np.hypot(f[:, None], f[None, :])
-    spectrum = power.sum((0, 1))
-    ac = spectrum[radius > 0].sum()
-    high = spectrum[radius >= 0.25].sum() / ac
-    top = spectrum[radius >= 0.4].sum() / max(spectrum[radius >= 0.25].sum(), 1e-30)
-    channel = (w**2).sum((0, 2, 3))
-    colour = in_channels * channel / channel.sum()
-    return {"sharpness": float(1.0 - high), "noise": float(top), "colour": [float(v) for v in colour]}
+    high = (radius >= SHARPNESS_BAND[0]) & (radius < SHARPNESS_BAND[1])
+    power = (np.abs(spectra) ** 2).sum(1)[:, high].sum()
+    if in_channels > 1:
+        coherent = (np.abs(spectra.sum(1)) ** 2)[:, high].sum()
+        sharpness = coherent / (in_channels * power)
+    else:
+        total = np.abs(spectra) ** 2
+        sharpness = power / (total.sum() - total[:, :, 0, 0].sum())
+    pairs = (w[:, :, :, 1:] * w[:, :, :, :-1]).sum() + (w[:, :, 1:, :] * w[:, :, :-1, :]).sum()
+    norms = (w[:, :, :, 1:] ** 2).sum() + (w[:, :, 1:, :] ** 2).sum()
+    correlation = pairs / norms if norms > 0 else 0.0
+    offsets = (w.sum((2, 3)) ** 2).sum(0) + 1e-12 * (w**2).sum()  # response to a uniform channel offset
+    inverse = 1.0 / offsets
+    colour = inverse / inverse.mean()
+    return {
+        "sharpness": float(sharpness),
+        "noise": float((1.0 + correlation) / 2.0),
+        "colour": [float(v) for v in colour],
+    }
 
 
 def _as_weight(weight: torch.Tensor | np.ndarray) -> np.ndarray:

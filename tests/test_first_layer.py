@@ -63,18 +63,25 @@ def test_patches_are_the_images_at_the_stride_grid_and_leave_the_global_random_s
     assert few.shape == (50, 18) and len(np.unique(few, axis=0)) == 50
 
 
-def test_energy_profile_flat_for_random_filters_and_whitening_for_a_whitening_bank():
+def _bank(profile, pca):
+    """D filters whose energy along principal component i is exactly profile[i]."""
+    return (np.sqrt(profile)[:, None] * pca.eigenvectors.T).reshape(len(profile), 3, 5, 5)
+
+
+def test_whitening_is_zero_for_random_filters_and_grows_along_the_trajectory_to_whitening():
     rng = np.random.default_rng(0)
     images = torch.from_numpy(np.cumsum(np.cumsum(rng.standard_normal((8, 3, 40, 40)), 2), 3).astype(np.float32))
     patches = kw.image_patches(images, (5, 5), (1, 1), 4096)
     pca = kw.patch_pca(patches)
-    random_bank = rng.standard_normal((256, 3, 5, 5))
-    flat = kw.first_layer_report(random_bank, pca)
-    assert abs(flat.whitening) < 0.1
-    # W = diag(prediction ** 0.5) U^T has exactly the predicted profile: energy p_i along u_i.
-    whitening_bank = (np.sqrt(whitening_prediction(pca.eigenvalues))[:, None] * pca.eigenvectors.T).reshape(75, 3, 5, 5)
-    whitened = kw.first_layer_report(whitening_bank, patches)
-    assert whitened.whitening == pytest.approx(1.0, abs=1e-6)
+    flat = kw.first_layer_report(rng.standard_normal((256, 3, 5, 5)), pca)
+    assert flat.whitening == 0.0
+    lam = pca.eigenvalues / pca.eigenvalues.mean()
+    scores = []
+    for tau in (3.0, 30.0, 300.0):  # the linear-systems profile after training time tau
+        profile = 0.3 + (1 - np.exp(-lam * tau)) ** 2 / np.maximum(lam, 1e-12)
+        scores.append(kw.first_layer_report(_bank(profile / profile.sum(), pca), patches).whitening)
+    whitened = kw.first_layer_report(_bank(whitening_prediction(pca.eigenvalues), pca), patches)
+    assert 0.0 < scores[0] < scores[1] < scores[2] <= whitened.whitening <= 1.0
     np.testing.assert_allclose(whitened.energy_profile, whitened.whitening_prediction, rtol=1e-6)
     for report in (flat, whitened):
         assert report.energy_profile.sum() == pytest.approx(1.0)
