@@ -156,3 +156,23 @@ def test_corrupt_and_all_zero_checkpoints_get_a_clear_error(tmp_path):
         kw.analyze_first_layer({"conv.weight": torch.zeros(8, 3, 3, 3)})
     with pytest.raises(kw.KernelWatchError, match="do not fit a 3x3x3 stem"):
         kw.first_layer_report(torch.randn(8, 3, 3, 3), np.zeros((10, 12)))
+
+
+def test_paired_trainings_are_told_apart_from_the_weights_alone():
+    """The same CNN, seed and batches on sharp, blurred, noisy and red-shifted dead-leaves
+    images (100 AdamW steps each, one thread, ~12 s): the reflections rank them as the data
+    differ, and training moves the stem along the trajectory to whitening."""
+    validation = _validation_script()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {v: validation.train("adamw-bn", v, 0, validation.Config(steps=100)) for v in validation.VARIANTS}
+    finally:
+        torch.set_num_threads(threads)
+    reflections = {variant: kw.first_layer_report(last).reflections for variant, (_, last, _, _) in runs.items()}
+    assert reflections["sharp"]["sharpness"] > reflections["blur"]["sharpness"]
+    assert reflections["noise"]["noise"] > reflections["sharp"]["noise"]
+    assert reflections["red"]["colour"][0] > reflections["sharp"]["colour"][0]
+    first, last, patches, _ = runs["sharp"]
+    assert kw.first_layer_report(first, patches).whitening == 0.0
+    assert kw.first_layer_report(last, patches).whitening > 0.0
