@@ -47,6 +47,7 @@ SETUPS = {
     "sgd-nobn": ("sgd", False, "true", None),
     "adamw-bn-random": ("adamw", True, "random", None),
     "sgd-nobn-random": ("sgd", False, "random", None),
+    "sgd-bn-random": ("sgd", True, "random", None),
     "adamw-patch4": ("adamw", True, "true", 4),  # a ConvNeXt-like patchify stem
 }
 BLUR_SIGMA = 1.5
@@ -202,6 +203,19 @@ PAIRS = (
 )
 
 
+#: Groups of principal components (descending variance) for printing energy profiles.
+GROUPS = (slice(0, 1), slice(1, 3), slice(3, 6), slice(6, 10), slice(10, 20), slice(20, 40), slice(40, None))
+
+
+def _grouped(profile: np.ndarray) -> np.ndarray:
+    """Mean energy per group of components, relative to a flat profile (1)."""
+    return np.array([profile[g].mean() * len(profile) for g in GROUPS])
+
+
+def _label(group: slice) -> str:
+    return f"{group.start + 1}-{group.stop or ''}"
+
+
 def _value(report, name: str) -> float:
     return report.reflections["colour"][0] if name == "red" else report.reflections[name]
 
@@ -215,6 +229,7 @@ def _report_command(args: argparse.Namespace) -> None:
         runs.setdefault((setup, int(seed[1:])), {})[variant] = dict(np.load(path))
     right: dict[str, dict[str, list[bool]]] = {}
     whiten: dict[str, list[tuple[float, float]]] = {}
+    profiles: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for (setup, _), variants in sorted(runs.items()):
         if set(variants) != set(VARIANTS):
             continue
@@ -223,9 +238,11 @@ def _report_command(args: argparse.Namespace) -> None:
             ok = _value(reports[high], name) > _value(reports[low], name)
             right.setdefault(setup, {}).setdefault(f"{name}: {high} > {low}", []).append(bool(ok))
         for v, d in variants.items():
-            init = first_layer_report(d["first"], d["patches"]).whitening
-            trained = first_layer_report(d["last"], d["patches"]).whitening
-            whiten.setdefault(setup, []).append((init, trained))
+            init, trained = (first_layer_report(d[k], d["patches"]) for k in ("first", "last"))
+            whiten.setdefault(setup, []).append((init.whitening, trained.whitening))
+            first, last = profiles.setdefault(setup, ([], []))
+            first.append(_grouped(init.energy_profile))
+            last.append(_grouped(trained.energy_profile))
     print(f"{'set-up':<18} {'pair':<26} right")
     total: dict[str, list[bool]] = {}
     for setup, pairs in right.items():
@@ -242,6 +259,11 @@ def _report_command(args: argparse.Namespace) -> None:
         print(f"{setup:<18} {init.mean():>14.3f} {trained.mean():>8.3f} {int((trained > init).sum()):>9}/{len(init)}")
     init, trained = np.array(pooled).T
     print(f"{'all':<18} {init.mean():>14.3f} {trained.mean():>8.3f} {int((trained > init).sum()):>9}/{len(init)}")
+    print("\nenergy profile, times flat, over principal-component groups (mean over seeds and variants)")
+    print(f"{'set-up':<18} {'':<8} " + " ".join(f"{_label(g):>6}" for g in GROUPS))
+    for setup, (first, last) in profiles.items():
+        for name, values in (("init", first), ("trained", last)):
+            print(f"{setup:<18} {name:<8} " + " ".join(f"{v:>6.2f}" for v in np.mean(values, 0)))
 
 
 def _ints(text: str) -> list[int]:
