@@ -4,8 +4,8 @@ Two measures of the stem (the first convolution applied to the input):
 
 - the **energy profile** (Chowers & Weiss, ICML 2023): the share of the filters' energy along
   each principal component of the input patches, beside the profile of a whitening filter bank
-  for the same patches, and a **whitening** score of how far the filters have gone from a flat
-  profile (random initialisation: 0) towards that prediction (1);
+  for the same patches, and a **whitening** score of how far along the linear-systems
+  trajectory towards that prediction the filters are (random initialisation: 0, whitened: 1);
 - the **reflections** (Jorgenson et al., TAG-DS 2025): estimates of the training data's
   sharpness, noise and per-channel colour strength, from the weights alone.
 
@@ -66,10 +66,10 @@ class PatchPCA:
 class FirstLayerReport:
     """What the stem's filters say; see :mod:`kernelwatch.first_layer` and ``docs/first_layer.md``.
 
-    ``whitening``: 0 for a flat profile (random initialisation), 1 for the whitening prediction,
-    negative when the energy leans towards the high-variance components instead; None when the
-    eigenvalues are all equal (nothing to whiten). ``reflections``: ``sharpness`` and ``noise``
-    (each in [0, 1]) and ``colour`` (one value per input channel, 1 for a balanced channel).
+    ``whitening`` in [0, 1] (:func:`whitening_score`): 0 for random filters, 1 once training has
+    whitened every component; None when the eigenvalues are all equal (nothing to whiten).
+    ``reflections`` (:func:`reflections`): ``sharpness`` and ``noise`` in [0, 1], ``colour``
+    one value per input channel (mean 1).
     """
 
     layer: str
@@ -213,7 +213,7 @@ def prior_pca(in_channels: int, kernel_size: tuple[int, int]) -> PatchPCA:
     ('prior', (75,))
     """
     kh, kw = kernel_size
-    grid = 64
+    grid = max(64, 2 * max(kh, kw))  # wider than the kernel, so lags do not wrap around
     f = np.fft.fftfreq(grid)
     power = 1.0 / (f[:, None] ** 2 + f[None, :] ** 2 + PRIOR_F0**2)
     lag = np.real(np.fft.ifft2(power))  # the stationary covariance at each (dy, dx) lag
@@ -228,7 +228,10 @@ def prior_pca(in_channels: int, kernel_size: tuple[int, int]) -> PatchPCA:
 def _pca(covariance: np.ndarray, n: int, source: str) -> PatchPCA:
     values, vectors = np.linalg.eigh(covariance)
     values = np.clip(values[::-1], 0.0, None)  # rounding can make the smallest slightly negative
-    return PatchPCA(values, np.ascontiguousarray(vectors[:, ::-1]), n, source)
+    vectors = np.ascontiguousarray(vectors[:, ::-1])
+    for array in (values, vectors):  # shared by cached priors and by every report made from them
+        array.setflags(write=False)
+    return PatchPCA(values, vectors, n, source)
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -245,8 +248,8 @@ def first_layer_report(
     without them, against the natural-image prior.
 
     >>> w = np.random.default_rng(0).standard_normal((64, 3, 5, 5))
-    >>> abs(first_layer_report(w).whitening) < 0.1  # random filters: a flat profile
-    True
+    >>> first_layer_report(w).whitening  # random filters: a flat profile
+    0.0
     """
     w = _as_weight(weight)
     out_channels, in_channels, kh, kw = w.shape
@@ -363,7 +366,7 @@ def reflections(weight: torch.Tensor | np.ndarray) -> dict[str, Any]:
     """
     w = _as_weight(weight)
     _, in_channels, kh, kw = w.shape
-    size = 16
+    size = max(16, 2 * max(kh, kw))  # zero-padded: a smooth spectrum, never a cropped kernel
     spectra = np.fft.fft2(w, s=(size, size))  # [O, C, size, size]
     f = np.fft.fftfreq(size)
     radius = np.hypot(f[:, None], f[None, :])
