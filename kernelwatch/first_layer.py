@@ -148,7 +148,8 @@ def image_patches(
     """At most ``limit`` patches ``[N, C*kh*kw]`` (float32, in a conv weight's ``C, kh, kw``
     order) at random positions of the stride grid of ``images`` ``[N, C, H, W]``.
 
-    Only the chosen patches are copied, so a large batch costs little. Without ``generator``
+    Only the chosen patches are copied (gathered on the images' device), so a large batch
+    costs little. Without ``generator``
     the choice is seeded (0) and the global random state is left alone: a training's batches
     do not change because it is being watched.
 
@@ -165,7 +166,6 @@ def image_patches(
         raise KernelWatchError(f"images {list(x.shape)} hold no {kh}x{kw} patch")
     if limit < 1:
         raise KernelWatchError(f"limit must be >= 1, got {limit}")
-    x = x.to(device="cpu", dtype=torch.float32)
     ny, nx = (h - kh) // sy + 1, (w - kw) // sx + 1
     total = n * ny * nx
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -177,10 +177,11 @@ def image_patches(
         index = torch.randint(total, (limit,), generator=generator)
     image, rest = index // (ny * nx), index % (ny * nx)
     ys, xs = (rest // nx) * sy, (rest % nx) * sx
-    rows = ys[:, None, None] + torch.arange(kh)[None, :, None]
-    cols = xs[:, None, None] + torch.arange(kw)[None, None, :]
-    patches = x[image[:, None, None], :, rows, cols]  # [L, kh, kw, C]: advanced indices first
-    out = patches.permute(0, 3, 1, 2).reshape(len(index), c * kh * kw).numpy()
+    rows = (ys[:, None, None] + torch.arange(kh)[None, :, None]).to(x.device)
+    cols = (xs[:, None, None] + torch.arange(kw)[None, None, :]).to(x.device)
+    # Gathered where the images are: only the patches cross to the CPU, not a GPU batch.
+    patches = x[image[:, None, None].to(x.device), :, rows, cols]  # [L, kh, kw, C]: advanced indices first
+    out = patches.permute(0, 3, 1, 2).reshape(len(index), c * kh * kw).to("cpu", torch.float32).numpy()
     if not np.isfinite(out).all():
         raise KernelWatchError("the images hold NaN or Inf values")
     return out
