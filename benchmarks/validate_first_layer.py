@@ -9,7 +9,9 @@ without BatchNorm, true or random labels, several seeds.
 ``train`` writes, per set-up, seed and variant, the stem's weights at initialisation and at the
 end and a sample of the training patches (``.npz``); ``report`` reads them and prints
 
-- the whitening score of the initial and the trained stem against the training patches,
+- the whitening score of the initial and the trained stem against the training patches, and
+  (for comparison) how far their log-profiles lean towards the whitening limit itself,
+- the energy profiles, per group of principal components,
 - how often each pair of variants ranks right by its reflection (sharp > blur in sharpness,
   noise > sharp in noise, red > sharp in the red value), per set-up and over all set-ups.
 
@@ -212,6 +214,15 @@ def _grouped(profile: np.ndarray) -> np.ndarray:
     return np.array([profile[g].mean() * len(profile) for g in GROUPS])
 
 
+def _towards_limit(report) -> float:
+    """The projection of the centred log-profile on the centred log of the whitening limit
+    (0: flat, 1: the limit): the naive "closer to whitening" that the trajectory does not follow."""
+    target = np.log(report.whitening_prediction)
+    target -= target.mean()
+    profile = np.log(report.energy_profile)
+    return float((profile - profile.mean()) @ target / (target @ target))
+
+
 def _label(group: slice) -> str:
     return f"{group.start + 1}-{group.stop or ''}"
 
@@ -239,7 +250,9 @@ def _report_command(args: argparse.Namespace) -> None:
             right.setdefault(setup, {}).setdefault(f"{name}: {high} > {low}", []).append(bool(ok))
         for v, d in variants.items():
             init, trained = (first_layer_report(d[k], d["patches"]) for k in ("first", "last"))
-            whiten.setdefault(setup, []).append((init.whitening, trained.whitening))
+            whiten.setdefault(setup, []).append(
+                (init.whitening, trained.whitening, _towards_limit(init), _towards_limit(trained))
+            )
             first, last = profiles.setdefault(setup, ([], []))
             first.append(_grouped(init.energy_profile))
             last.append(_grouped(trained.energy_profile))
@@ -251,14 +264,21 @@ def _report_command(args: argparse.Namespace) -> None:
             print(f"{setup:<18} {pair:<26} {sum(oks)}/{len(oks)}")
     for pair, oks in total.items():
         print(f"{'all':<18} {pair:<26} {sum(oks)}/{len(oks)}")
-    print(f"\n{'set-up':<18} {'whitening init':>14} {'trained':>8} {'trained > init':>14}")
+    print(
+        f"\n{'set-up':<18} {'whitening init':>14} {'trained':>8} {'trained > init':>14}"
+        f"   {'towards limit init':>18} {'trained':>8} {'trained > init':>14}"
+    )
     pooled = []
-    for setup, pairs in whiten.items():
-        init, trained = np.array(pairs).T
-        pooled += pairs
-        print(f"{setup:<18} {init.mean():>14.3f} {trained.mean():>8.3f} {int((trained > init).sum()):>9}/{len(init)}")
-    init, trained = np.array(pooled).T
-    print(f"{'all':<18} {init.mean():>14.3f} {trained.mean():>8.3f} {int((trained > init).sum()):>9}/{len(init)}")
+    for setup, rows in [*whiten.items(), ("all", None)]:
+        rows = pooled if rows is None else rows
+        if setup != "all":
+            pooled += rows
+        init, trained, limit_init, limit_trained = np.array(rows).T
+        print(
+            f"{setup:<18} {init.mean():>14.3f} {trained.mean():>8.3f} {int((trained > init).sum()):>9}/{len(init)}"
+            f"   {limit_init.mean():>18.3f} {limit_trained.mean():>8.3f} "
+            f"{int((limit_trained > limit_init).sum()):>9}/{len(init)}"
+        )
     print("\nenergy profile, times flat, over principal-component groups (mean over seeds and variants)")
     print(f"{'set-up':<18} {'':<8} " + " ".join(f"{_label(g):>6}" for g in GROUPS))
     for setup, (first, last) in profiles.items():
