@@ -4,8 +4,8 @@ Two measures of the stem (the first convolution applied to the input):
 
 - the **energy profile** (Chowers & Weiss, ICML 2023): the share of the filters' energy along
   each principal component of the input patches, beside the profile of a whitening filter bank
-  for the same patches, and a **whitening** score of how far the filters have gone from a flat
-  profile (random initialisation: 0) towards that prediction (1);
+  for the same patches, and a **whitening** score of how far along the linear-systems
+  trajectory towards that prediction the filters are (random initialisation: 0, whitened: 1);
 - the **reflections** (Jorgenson et al., TAG-DS 2025): estimates of the training data's
   sharpness, noise and per-channel colour strength, from the weights alone.
 
@@ -44,6 +44,10 @@ PRIOR_CHANNEL_CORRELATION = 0.9
 #: The prior's power spectrum is ``1 / (f**2 + f0**2)`` (cycles/px), the classic natural-image
 #: law; ``f0`` keeps the mean finite, at the scale of a 64-pixel field.
 PRIOR_F0 = 1 / 64
+#: Spatial frequencies (cycles/px) whose cross-channel agreement measures sharpness: where a
+#: 1.5 px blur removes most of the signal and sharp images still carry some
+#: (``benchmarks/validate_first_layer.py``).
+SHARPNESS_BAND = (0.2, 0.3)
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,10 @@ class PatchPCA:
 class FirstLayerReport:
     """What the stem's filters say; see :mod:`kernelwatch.first_layer` and ``docs/first_layer.md``.
 
-    ``whitening``: 0 for a flat profile (random initialisation), 1 for the whitening prediction,
-    negative when the energy leans towards the high-variance components instead; None when the
-    eigenvalues are all equal (nothing to whiten). ``reflections``: ``sharpness`` and ``noise``
-    (each in [0, 1]) and ``colour`` (one value per input channel, 1 for a balanced channel).
+    ``whitening`` in [0, 1] (:func:`whitening_score`): 0 for random filters, 1 once training has
+    whitened every component; None when the eigenvalues are all equal (nothing to whiten).
+    ``reflections`` (:func:`reflections`): ``sharpness`` and ``noise`` in [0, 1], ``colour``
+    one value per input channel (mean 1).
     """
 
     layer: str
@@ -144,7 +148,8 @@ def image_patches(
     """At most ``limit`` patches ``[N, C*kh*kw]`` (float32, in a conv weight's ``C, kh, kw``
     order) at random positions of the stride grid of ``images`` ``[N, C, H, W]``.
 
-    Only the chosen patches are copied, so a large batch costs little. Without ``generator``
+    Only the chosen patches are copied (gathered on the images' device), so a large batch
+    costs little. Without ``generator``
     the choice is seeded (0) and the global random state is left alone: a training's batches
     do not change because it is being watched.
 
@@ -161,7 +166,6 @@ def image_patches(
         raise KernelWatchError(f"images {list(x.shape)} hold no {kh}x{kw} patch")
     if limit < 1:
         raise KernelWatchError(f"limit must be >= 1, got {limit}")
-    x = x.to(device="cpu", dtype=torch.float32)
     ny, nx = (h - kh) // sy + 1, (w - kw) // sx + 1
     total = n * ny * nx
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -173,10 +177,11 @@ def image_patches(
         index = torch.randint(total, (limit,), generator=generator)
     image, rest = index // (ny * nx), index % (ny * nx)
     ys, xs = (rest // nx) * sy, (rest % nx) * sx
-    rows = ys[:, None, None] + torch.arange(kh)[None, :, None]
-    cols = xs[:, None, None] + torch.arange(kw)[None, None, :]
-    patches = x[image[:, None, None], :, rows, cols]  # [L, kh, kw, C]: advanced indices first
-    out = patches.permute(0, 3, 1, 2).reshape(len(index), c * kh * kw).numpy()
+    rows = (ys[:, None, None] + torch.arange(kh)[None, :, None]).to(x.device)
+    cols = (xs[:, None, None] + torch.arange(kw)[None, None, :]).to(x.device)
+    # Gathered where the images are: only the patches cross to the CPU, not a GPU batch.
+    patches = x[image[:, None, None].to(x.device), :, rows, cols]  # [L, kh, kw, C]: advanced indices first
+    out = patches.permute(0, 3, 1, 2).reshape(len(index), c * kh * kw).to("cpu", torch.float32).numpy()
     if not np.isfinite(out).all():
         raise KernelWatchError("the images hold NaN or Inf values")
     return out
@@ -209,7 +214,7 @@ def prior_pca(in_channels: int, kernel_size: tuple[int, int]) -> PatchPCA:
     ('prior', (75,))
     """
     kh, kw = kernel_size
-    grid = 64
+    grid = max(64, 2 * max(kh, kw))  # wider than the kernel, so lags do not wrap around
     f = np.fft.fftfreq(grid)
     power = 1.0 / (f[:, None] ** 2 + f[None, :] ** 2 + PRIOR_F0**2)
     lag = np.real(np.fft.ifft2(power))  # the stationary covariance at each (dy, dx) lag
@@ -224,7 +229,10 @@ def prior_pca(in_channels: int, kernel_size: tuple[int, int]) -> PatchPCA:
 def _pca(covariance: np.ndarray, n: int, source: str) -> PatchPCA:
     values, vectors = np.linalg.eigh(covariance)
     values = np.clip(values[::-1], 0.0, None)  # rounding can make the smallest slightly negative
-    return PatchPCA(values, np.ascontiguousarray(vectors[:, ::-1]), n, source)
+    vectors = np.ascontiguousarray(vectors[:, ::-1])
+    for array in (values, vectors):  # shared by cached priors and by every report made from them
+        array.setflags(write=False)
+    return PatchPCA(values, vectors, n, source)
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -241,8 +249,8 @@ def first_layer_report(
     without them, against the natural-image prior.
 
     >>> w = np.random.default_rng(0).standard_normal((64, 3, 5, 5))
-    >>> abs(first_layer_report(w).whitening) < 0.1  # random filters: a flat profile
-    True
+    >>> first_layer_report(w).whitening  # random filters: a flat profile
+    0.0
     """
     w = _as_weight(weight)
     out_channels, in_channels, kh, kw = w.shape
@@ -270,7 +278,7 @@ def first_layer_report(
         eigenvalues=pca.eigenvalues,
         energy_profile=energy,
         whitening_prediction=prediction,
-        whitening=whitening_score(energy, prediction),
+        whitening=whitening_score(energy, pca.eigenvalues, out_channels),
         reflections=reflections(w),
     )
 
@@ -284,42 +292,104 @@ def whitening_prediction(eigenvalues: np.ndarray) -> np.ndarray:
     return inverse / inverse.sum()
 
 
-def whitening_score(profile: np.ndarray, prediction: np.ndarray) -> float | None:
-    """How far ``profile`` has gone from flat (0) towards ``prediction`` (1), on log scales:
-    the projection of ``log(profile)`` on ``log(prediction)``, both centred.
+def whitening_score(profile: np.ndarray, eigenvalues: np.ndarray, n_filters: int) -> float | None:
+    """How far along the linear-systems trajectory towards whitening (Chowers & Weiss) a
+    ``profile`` of ``n_filters`` filters is: 0 at initialisation, 1 once every component is whitened.
 
-    >>> p = whitening_prediction(np.array([4.0, 2.0, 1.0, 0.5]))
-    >>> whitening_score(np.full(4, 0.25), p), round(whitening_score(p, p), 6)
-    (0.0, 1.0)
+    Gradient descent moves a linear first layer along component ``i`` at a rate proportional to
+    its eigenvalue ``lambda_i`` towards a whitening target of energy ``~ 1 / lambda_i``, so that
+    after training time ``tau`` the profile is ``a + b * (1 - exp(-lambda_i tau))**2 / lambda_i``
+    (a bump that moves from the high-variance components towards the low-variance ones). ``tau``,
+    ``a`` and ``b >= 0`` are fitted to the profile; the score is the mean over the components of
+    their progress ``1 - exp(-lambda_i tau)`` (components with ``lambda_i`` near 0 never progress),
+    ramped down to 0 when the profile deviates from flat no more than a random bank of
+    ``n_filters`` filters may. None without distinct eigenvalues.
+
+    >>> lam = np.geomspace(10, 0.1, 20)
+    >>> whitening_score(np.full(20, 0.05), lam, 64)
+    0.0
+    >>> bump = 0.2 + (1 - np.exp(-lam / lam.mean() * 2.0)) ** 2 / (lam / lam.mean())  # tau = 2
+    >>> round(whitening_score(bump / bump.sum(), lam, 4096), 2), round(float(np.mean(1 - np.exp(-lam / lam.mean() * 2))), 2)
+    (0.57, 0.57)
     """
-    target = np.log(prediction)
-    target = target - target.mean()
-    norm = float(target @ target)
-    if norm < 1e-12:
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    if lam.max() - lam.min() <= 1e-12 * max(lam.max(), 1e-300):
         return None
-    log_profile = np.log(np.maximum(profile, 1e-12))
-    return float((log_profile - log_profile.mean()) @ target / norm)
+    lam = lam / lam.mean()
+    energy = np.asarray(profile, dtype=np.float64) * len(lam)  # mean 1
+    deviation = float(((energy - 1.0) ** 2).sum())
+    # A random bank's energies are chi-square with n_filters degrees of freedom (variance 2 / n
+    # each, 2 D / n in all): up to twice that is noise (0), from three times on all signal (1).
+    signal = float(np.clip(deviation / (2.0 * len(lam) / max(n_filters, 1)) - 2.0, 0.0, 1.0))
+    if signal == 0.0:
+        return 0.0
+    progress = 1.0 - np.exp(-np.outer(_TAUS, lam))  # [taus, D]
+    shape = progress**2 / np.maximum(lam, 1e-300)
+    centred = shape - shape.mean(1, keepdims=True)
+    b = centred @ (energy - 1.0) / np.maximum((centred**2).sum(1), 1e-300)
+    residual = (((energy - 1.0) - b[:, None] * centred) ** 2).sum(1)
+    residual[b <= 0] = deviation  # an inverted bump is no stage of the trajectory
+    best = int(np.argmin(residual))
+    if residual[best] >= deviation:
+        return 0.0
+    return float(progress[best].mean() * signal)
+
+
+#: Training times tried by :func:`whitening_score`, in units of 1 / mean eigenvalue.
+_TAUS = np.geomspace(1e-3, 1e4, 141)
 
 
 # -- reflections -------------------------------------------------------------------------------
 
 
-def reflections(weight: np.ndarray) -> dict[str, Any]:
+def reflections(weight: torch.Tensor | np.ndarray) -> dict[str, Any]:
     """Estimates of the training data's sharpness, noise and colour from stem weights
-    ``[O, C, kh, kw]`` alone; see ``docs/first_layer.md`` for their calibration."""
+    ``[O, C, kh, kw]`` alone, each a departure from what random filters show. Compare them
+    between stems of the same architecture (trainings, checkpoints of one run); see
+    ``docs/first_layer.md`` for the calibration, the directions measured and where they fail.
+
+    - ``sharpness`` in [0, 1]: how much the filters agree across input channels at fine
+      scales (0.2 to 0.3 cycles/px), ``|sum_c W_c(f)|**2 / (C sum_c |W_c(f)|**2)``; random
+      filters give ``1 / C``. Fine detail in the data teaches the stem luminance edges there;
+      blurred data leaves that band near its random initialisation. With one input channel:
+      the band's share of the filters' power (not calibrated).
+    - ``noise`` in [0, 1]: ``(1 + r) / 2`` for ``r`` the filters' correlation between
+      neighbouring pixels; random filters give 0.5. Measured: noisy data makes the filters
+      smoother, not rougher (noise adds variance at high frequencies, and whitening filters
+      weigh a component less the more variance it has).
+    - ``colour``: per input channel, the inverse of the filters' share of response to a uniform
+      offset of that channel, normalised to mean 1: a stronger channel gets smaller weights
+      (whitening again), so a larger value.
+
+    >>> r = reflections(np.random.default_rng(0).standard_normal((64, 3, 5, 5)))
+    >>> round(r["sharpness"], 1), round(r["noise"], 1), len(r["colour"])
+    (0.3, 0.5, 3)
+    """
     w = _as_weight(weight)
     _, in_channels, kh, kw = w.shape
-    size = 16
-    power = np.abs(np.fft.fft2(w, s=(size, size))) ** 2  # [O, C, size, size]
+    size = max(16, 2 * max(kh, kw))  # zero-padded: a smooth spectrum, never a cropped kernel
+    spectra = np.fft.fft2(w, s=(size, size))  # [O, C, size, size]
     f = np.fft.fftfreq(size)
     radius = np.hypot(f[:, None], f[None, :])
-    spectrum = power.sum((0, 1))
-    ac = spectrum[radius > 0].sum()
-    high = spectrum[radius >= 0.25].sum() / ac
-    top = spectrum[radius >= 0.4].sum() / max(spectrum[radius >= 0.25].sum(), 1e-30)
-    channel = (w**2).sum((0, 2, 3))
-    colour = in_channels * channel / channel.sum()
-    return {"sharpness": float(1.0 - high), "noise": float(top), "colour": [float(v) for v in colour]}
+    high = (radius >= SHARPNESS_BAND[0]) & (radius < SHARPNESS_BAND[1])
+    power = (np.abs(spectra) ** 2).sum(1)[:, high].sum()
+    if in_channels > 1:
+        coherent = (np.abs(spectra.sum(1)) ** 2)[:, high].sum()
+        sharpness = coherent / (in_channels * power)
+    else:
+        total = np.abs(spectra) ** 2
+        sharpness = power / (total.sum() - total[:, :, 0, 0].sum())
+    pairs = (w[:, :, :, 1:] * w[:, :, :, :-1]).sum() + (w[:, :, 1:, :] * w[:, :, :-1, :]).sum()
+    norms = (w[:, :, :, 1:] ** 2).sum() + (w[:, :, 1:, :] ** 2).sum()
+    correlation = pairs / norms if norms > 0 else 0.0
+    offsets = (w.sum((2, 3)) ** 2).sum(0) + 1e-12 * (w**2).sum()  # response to a uniform channel offset
+    inverse = 1.0 / offsets
+    colour = inverse / inverse.mean()
+    return {
+        "sharpness": float(sharpness),
+        "noise": float((1.0 + correlation) / 2.0),
+        "colour": [float(v) for v in colour],
+    }
 
 
 def _as_weight(weight: torch.Tensor | np.ndarray) -> np.ndarray:

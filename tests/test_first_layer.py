@@ -63,18 +63,25 @@ def test_patches_are_the_images_at_the_stride_grid_and_leave_the_global_random_s
     assert few.shape == (50, 18) and len(np.unique(few, axis=0)) == 50
 
 
-def test_energy_profile_flat_for_random_filters_and_whitening_for_a_whitening_bank():
+def _bank(profile, pca):
+    """D filters whose energy along principal component i is exactly profile[i]."""
+    return (np.sqrt(profile)[:, None] * pca.eigenvectors.T).reshape(len(profile), 3, 5, 5)
+
+
+def test_whitening_is_zero_for_random_filters_and_grows_along_the_trajectory_to_whitening():
     rng = np.random.default_rng(0)
     images = torch.from_numpy(np.cumsum(np.cumsum(rng.standard_normal((8, 3, 40, 40)), 2), 3).astype(np.float32))
     patches = kw.image_patches(images, (5, 5), (1, 1), 4096)
     pca = kw.patch_pca(patches)
-    random_bank = rng.standard_normal((256, 3, 5, 5))
-    flat = kw.first_layer_report(random_bank, pca)
-    assert abs(flat.whitening) < 0.1
-    # W = diag(prediction ** 0.5) U^T has exactly the predicted profile: energy p_i along u_i.
-    whitening_bank = (np.sqrt(whitening_prediction(pca.eigenvalues))[:, None] * pca.eigenvectors.T).reshape(75, 3, 5, 5)
-    whitened = kw.first_layer_report(whitening_bank, patches)
-    assert whitened.whitening == pytest.approx(1.0, abs=1e-6)
+    flat = kw.first_layer_report(rng.standard_normal((256, 3, 5, 5)), pca)
+    assert flat.whitening == 0.0
+    lam = pca.eigenvalues / pca.eigenvalues.mean()
+    scores = []
+    for tau in (3.0, 30.0, 300.0):  # the linear-systems profile after training time tau
+        profile = 0.3 + (1 - np.exp(-lam * tau)) ** 2 / np.maximum(lam, 1e-12)
+        scores.append(kw.first_layer_report(_bank(profile / profile.sum(), pca), patches).whitening)
+    whitened = kw.first_layer_report(_bank(whitening_prediction(pca.eigenvalues), pca), patches)
+    assert 0.0 < scores[0] < scores[1] < scores[2] <= whitened.whitening <= 1.0
     np.testing.assert_allclose(whitened.energy_profile, whitened.whitening_prediction, rtol=1e-6)
     for report in (flat, whitened):
         assert report.energy_profile.sum() == pytest.approx(1.0)
@@ -149,3 +156,23 @@ def test_corrupt_and_all_zero_checkpoints_get_a_clear_error(tmp_path):
         kw.analyze_first_layer({"conv.weight": torch.zeros(8, 3, 3, 3)})
     with pytest.raises(kw.KernelWatchError, match="do not fit a 3x3x3 stem"):
         kw.first_layer_report(torch.randn(8, 3, 3, 3), np.zeros((10, 12)))
+
+
+def test_paired_trainings_are_told_apart_from_the_weights_alone():
+    """The same CNN, seed and batches on sharp, blurred, noisy and red-shifted dead-leaves
+    images (100 AdamW steps each, one thread, ~12 s): the reflections rank them as the data
+    differ, and training moves the stem along the trajectory to whitening."""
+    validation = _validation_script()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {v: validation.train("adamw-bn", v, 0, validation.Config(steps=100)) for v in validation.VARIANTS}
+    finally:
+        torch.set_num_threads(threads)
+    reflections = {variant: kw.first_layer_report(last).reflections for variant, (_, last, _, _) in runs.items()}
+    assert reflections["sharp"]["sharpness"] > reflections["blur"]["sharpness"]
+    assert reflections["noise"]["noise"] > reflections["sharp"]["noise"]
+    assert reflections["red"]["colour"][0] > reflections["sharp"]["colour"][0]
+    first, last, patches, _ = runs["sharp"]
+    assert kw.first_layer_report(first, patches).whitening == 0.0
+    assert kw.first_layer_report(last, patches).whitening > 0.0
