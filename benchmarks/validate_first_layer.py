@@ -232,22 +232,28 @@ def _value(report, name: str) -> float:
 
 
 def _report_command(args: argparse.Namespace) -> None:
-    runs: dict[tuple[str, int], dict[str, dict[str, np.ndarray]]] = {}
-    for path in sorted(Path(args.dir).glob("*.npz")):
-        setup, seed, variant = path.stem.rsplit("_", 2)
-        if setup in args.exclude.split(","):
-            continue
-        runs.setdefault((setup, int(seed[1:])), {})[variant] = dict(np.load(path))
+    runs: dict[tuple[str, str, int], dict[str, dict[str, np.ndarray]]] = {}
+    for folder in args.dirs:
+        for path in sorted(Path(folder).glob("*.npz")):
+            setup, seed, variant = path.stem.rsplit("_", 2)
+            if setup in args.exclude.split(","):
+                continue
+            runs.setdefault((folder, setup, int(seed[1:])), {})[variant] = dict(np.load(path))
     right: dict[str, dict[str, list[bool]]] = {}
     whiten: dict[str, list[tuple[float, float]]] = {}
     profiles: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
-    for (setup, _), variants in sorted(runs.items()):
+    by_whitening: dict[bool, list[list[bool]]] = {True: [], False: []}
+    for (_, setup, _), variants in sorted(runs.items()):
         if set(variants) != set(VARIANTS):
             continue
         reports = {v: first_layer_report(d["last"]) for v, d in variants.items()}
         for name, high, low in PAIRS:
             ok = _value(reports[high], name) > _value(reports[low], name)
             right.setdefault(setup, {}).setdefault(f"{name}: {high} > {low}", []).append(bool(ok))
+        trained = min(first_layer_report(d["last"], d["patches"]).whitening for d in variants.values())
+        by_whitening[trained >= args.split].append(
+            [_value(reports[high], name) > _value(reports[low], name) for name, high, low in PAIRS[:3]]
+        )
         for v, d in variants.items():
             init, trained = (first_layer_report(d[k], d["patches"]) for k in ("first", "last"))
             whiten.setdefault(setup, []).append(
@@ -279,6 +285,11 @@ def _report_command(args: argparse.Namespace) -> None:
             f"   {limit_init.mean():>18.3f} {limit_trained.mean():>8.3f} "
             f"{int((limit_trained > limit_init).sum()):>9}/{len(init)}"
         )
+    print(f"\nthe first three pairs, by the lowest whitening (against its data) of a set's trained stems")
+    for above, sets in by_whitening.items():
+        oks = np.array(sets, dtype=bool).reshape(-1, 3)
+        counts = ", ".join(f"{name} {int(oks[:, i].sum())}/{len(oks)}" for i, (name, _, _) in enumerate(PAIRS[:3]))
+        print(f"  whitening {'>=' if above else '<'} {args.split}: {len(oks)} sets; right: {counts}")
     print("\nenergy profile, times flat, over principal-component groups (mean over seeds and variants)")
     print(f"{'set-up':<18} {'':<8} " + " ".join(f"{_label(g):>6}" for g in GROUPS))
     for setup, (first, last) in profiles.items():
@@ -300,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--steps", type=int, default=Config.steps)
     run.set_defaults(run=_train_command)
     report = commands.add_parser("report")
-    report.add_argument("dir")
+    report.add_argument("dirs", nargs="+", metavar="DIR")
+    report.add_argument("--split", type=float, default=0.03, help="whitening at which to split the sets")
     report.add_argument("--exclude", default="")
     report.set_defaults(run=_report_command)
     args = parser.parse_args(argv)

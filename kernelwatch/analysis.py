@@ -6,8 +6,8 @@ stem with the first-layer lens (:mod:`kernelwatch.first_layer`).
 >>> report = kw.analyze(model)
 >>> [layer.name for layer in report.layers], report.layers[0].n_kernels
 (['0'], 8)
->>> report.first_layer is None, report.first_layer_note
-(True, 'the first convolution, 0, is depthwise: no stem to analyse')
+>>> report.first_layer is None, report.first_layer_note  # the first convolution is depthwise: no stem
+(True, '')
 """
 
 from __future__ import annotations
@@ -226,14 +226,15 @@ def analyze(model_or_checkpoint: Any, spectra: dict[int, Spectrum] | None = None
 
 
 def first_layer_of(model_or_checkpoint: Any, depthwise: set[str]) -> tuple[FirstLayerReport | None, str]:
-    """The first-layer report of a model or state dict, or None and why: a stem among the
-    ``depthwise`` layers is none (depthwise-only models), a stem that fails is reported, not raised."""
+    """The first-layer report of a model or state dict, or None and why. A first convolution
+    among the ``depthwise`` layers is no stem (None, no reason: the table stays as it was for
+    depthwise-only models); a stem that fails is reported, not raised."""
     try:
         report = analyze_first_layer(model_or_checkpoint)
     except KernelWatchError as err:
         return None, str(err)
     if report.layer in depthwise:
-        return None, f"the first convolution, {report.layer or '<root>'}, is depthwise: no stem to analyse"
+        return None, ""
     return report, ""
 
 
