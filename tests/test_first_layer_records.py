@@ -46,7 +46,6 @@ def stem_net() -> nn.Module:
 
 
 def train(model: nn.Module, watch: KernelWatch, steps: int, channels_last: bool = False) -> None:
-    torch.set_num_threads(1)
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(1)
     for step in range(steps + 1):
@@ -232,9 +231,13 @@ def test_the_shift_rule_needs_two_snapshots_in_a_row_against_the_early_baseline(
 @pytest.mark.slow
 def test_a_pipeline_that_starts_adding_noise_half_way_is_flagged_and_the_control_is_not(tmp_path):
     bench = _load("measure_first_layer_shift", ROOT / "benchmarks" / "measure_first_layer_shift.py")
-    torch.set_num_threads(1)
-    noisy, _ = bench.train(str(tmp_path / "noise"), "noise", seed=0, steps=200, every=20)
-    control, _ = bench.train(str(tmp_path / "none"), "none", seed=0, steps=200, every=20)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small CNN: more threads only spin on a busy runner
+    try:
+        noisy, _ = bench.train(str(tmp_path / "noise"), "noise", seed=0, steps=200, every=20)
+        control, _ = bench.train(str(tmp_path / "none"), "none", seed=0, steps=200, every=20)
+    finally:
+        torch.set_num_threads(threads)
     assert control == [] and noisy and 100 < noisy[0] <= 160, (noisy, control)
     flags = backend.get_json(backend.make_client(tmp_path), "anomalies?run=noise")["anomalies"]
     shift = [f for f in flags if f["kind"] == "first_layer_shift"]
