@@ -73,8 +73,8 @@ class CheckpointLog:
         if self._last_step is None:
             self._writer.start_session(step)
         stem = None
-        if conv_weights:  # the first conv, in model (or state dict) order, as find_stem takes it
-            name = next(iter(conv_weights))
+        name = next(iter(conv_weights), None)  # the first conv, in model (or state dict) order
+        if name is not None and name not in kernels and name not in kernels.unsupported:  # not depthwise
             # A state dict does not tell the stride; patch statistics hardly depend on it.
             stride = (1, 1)
             if isinstance(model_or_checkpoint, nn.Module):

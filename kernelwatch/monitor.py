@@ -408,9 +408,12 @@ class KernelWatch:
 
         self._first_layer = False
         try:
-            _, stem = find_stem(model)
+            name, stem = find_stem(model)
         except KernelWatchError as err:
             logger.info("kernelwatch: no first-layer lens for this model (%s)", err)
+            return
+        if is_depthwise(stem):  # as kw.analyze: a depthwise first conv is no stem
+            logger.info("kernelwatch: no first-layer lens for this model (its first conv %r is depthwise)", name)
             return
         self._sampler = PatchSampler(stem)
 

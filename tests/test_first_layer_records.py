@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,19 @@ def test_the_sampler_takes_half_precision_inputs(tmp_path):
     patches = sample_patches(sampler.sample(), (3, 3), (1, 1))
     assert patches.dtype == np.float32 and patches.shape == (2 * 64, 27)
     sampler.remove()
+
+
+def test_a_model_whose_first_conv_is_depthwise_logs_one_line_and_carries_on(tmp_path, caplog):
+    model = nn.Sequential(nn.Conv2d(8, 8, 5, groups=8), nn.Conv2d(8, 4, 1))
+    with caplog.at_level(logging.INFO, logger="kernelwatch"), KernelWatch(tmp_path, handle_sigterm=False) as watch:
+        for step in range(3):
+            watch.snapshot(model, step)
+            model(torch.randn(2, 8, 12, 12))
+    lines = [r.getMessage() for r in caplog.records if "first-layer" in r.getMessage()]
+    assert lines == ["kernelwatch: no first-layer lens for this model (its first conv '0' is depthwise)"]
+    assert watch.steps == (0, 1, 2) and not model[0]._forward_pre_hooks
+    runs = backend.get_json(backend.make_client(tmp_path.parent), "runs")["runs"]
+    assert [(r["first_layer"], r["layers"]) for r in runs if r["run"] == tmp_path.name] == [([], ["0"])]
 
 
 def test_first_layer_false_writes_no_first_layer_records(tmp_path):
