@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,23 @@ from kernelwatch.spectrum import Spectrum
 from kernelwatch.structure import classify_many_with_null
 from kernelwatch.update_lens import UpdateReference
 from kernelwatch.writing import EventWriter
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from kernelwatch.first_layer import FirstLayerReport
+
+
+@dataclass(frozen=True)
+class StemInput:
+    """The model's stem, for the first-layer lens: its layer name (a key of the snapshot's
+    conv weights), its stride, a sample of its input patches (None: the prior), and its
+    weight at the previous snapshot (whose update since then the anomaly rule (e) reads)."""
+
+    layer: str
+    stride: tuple[int, int]
+    patches: np.ndarray | None = None
+    previous: torch.Tensor | None = None
 
 
 class SpectrumCache(dict[int, Spectrum]):
@@ -105,6 +122,8 @@ class WrittenSnapshot:
     updates: dict[str, LayerReport] = field(default_factory=dict)
     anomalies: list[Anomaly] = field(default_factory=list)
     no_spectrum: dict[str, int] = field(default_factory=dict)  # layer -> kernel size
+    first_layer: FirstLayerReport | None = None
+    first_layer_error: str | None = None  # why the stem had no report (NaN weights, ...)
     deferred: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
 
@@ -117,18 +136,20 @@ def write_snapshot(
     reference: UpdateReference,
     detector: AnomalyDetector,
     max_kernels: int = 64,
+    stem: StemInput | None = None,
     cadence: DetailCadence | None = None,
     on_device: Mapping[str, torch.Tensor] | None = None,
 ) -> WrittenSnapshot:
     """Write the snapshot at ``step``: per depthwise layer of ``kernels`` its spectrum (once per
     writer), the weights lens, and the update lens against ``reference``; the quality metrics
     of every conv weight in ``conv_weights`` (in model order: it gives each layer's position);
-    then the anomalies ``detector`` finds. Updates ``reference`` (the caller saves it) and
+    with ``stem``, the first-layer lens of that conv against its sampled input patches; then
+    the anomalies ``detector`` finds. Updates ``reference`` (the caller saves it) and
     ``detector``. ``cadence`` (default: everything at every snapshot) says which sprites and
     quality metrics to write now. ``on_device`` holds the same kernels (of some layers) where
     the model trains, e.g. on the GPU: they are classified there, the CPU copies only drawn.
 
-    Every lens of every layer of one kernel size is classified in one call, with their nulls.
+    Every lens of every layer of one spectrum size is classified in one call, with their nulls.
     """
     cadence = (cadence or DetailCadence()).next()
     on_device = on_device or {}
@@ -177,7 +198,22 @@ def write_snapshot(
             write()
         else:
             written.deferred.append(write)
-    written.anomalies = detector.update(step, written.reports, written.updates)
+    stem_update = None
+    if stem is not None and not conv_weights[stem.layer].is_meta:
+        from kernelwatch.first_layer import first_layer_report, reflections
+
+        weight = conv_weights[stem.layer]
+        try:
+            written.first_layer = first_layer_report(weight, stem.patches, layer=stem.layer, stride=stem.stride)
+            if stem.previous is not None and stem.previous.shape == weight.shape and not torch.equal(stem.previous, weight):
+                stem_update = reflections((weight - stem.previous).numpy())
+        except KernelWatchError as err:  # NaN weights: the invalid-kernel rule says so
+            written.first_layer_error = f"first layer {stem.layer or '<root>'}: {err}"
+        if written.first_layer is not None:
+            writer.write_first_layer(step, weight, written.first_layer.to_json(), max_filters=max_kernels)
+    written.anomalies = detector.update(
+        step, written.reports, written.updates, first_layer=written.first_layer, stem_update=stem_update
+    )
     writer.write_anomalies(step, [a.to_dict() for a in written.anomalies])
     return written
 
@@ -186,4 +222,4 @@ def _write_quality(writer: EventWriter, step: int, name: str, weight: torch.Tens
     writer.write_quality(step, name, layer_quality(weight), order=order)
 
 
-__all__ = ["DetailCadence", "SpectrumCache", "WrittenSnapshot", "write_snapshot"]
+__all__ = ["DetailCadence", "SpectrumCache", "StemInput", "WrittenSnapshot", "write_snapshot"]
