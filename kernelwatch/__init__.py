@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from kernelwatch._config import CLUSTERS, INVALID, UNCLUSTERED
+from kernelwatch._config import CLUSTERS, INVALID, PAPER_THRESHOLDS, UNCLUSTERED
 from kernelwatch.errors import KernelWatchError
 
 __version__ = "0.1.0"
@@ -35,10 +35,11 @@ _LAZY = {
     "image_patches": "kernelwatch.first_layer",
     "patch_pca": "kernelwatch.first_layer",
     "prior_pca": "kernelwatch.first_layer",
+    "SizeApproach": "kernelwatch.kernel_sizes",
 }
 _SUBMODULES = ("patterns", "init")
 
-__all__ = ["CLUSTERS", "INVALID", "UNCLUSTERED", "KernelWatchError", *_LAZY, *_SUBMODULES]
+__all__ = ["CLUSTERS", "INVALID", "PAPER_THRESHOLDS", "UNCLUSTERED", "KernelWatchError", *_LAZY, *_SUBMODULES]
 
 if TYPE_CHECKING:
     from kernelwatch import init, patterns
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
         patch_pca,
         prior_pca,
     )
+    from kernelwatch.kernel_sizes import SizeApproach
     from kernelwatch.spectrum import Spectrum
 
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from kernelwatch._config import CLUSTERS, SUPPORTED_KERNEL_SIZES
+from kernelwatch._config import CLUSTERS
 from kernelwatch.classification import ClassificationResult
 from kernelwatch.errors import KernelWatchError
 from kernelwatch.extraction import extract_depthwise, load_checkpoint
 from kernelwatch.first_layer import FirstLayerReport, analyze_first_layer
+from kernelwatch.kernel_sizes import spectrum_size, unservable_reason
 from kernelwatch.metrics import cluster_proportions, total_activation
 from kernelwatch.spectrum import Spectrum
 from kernelwatch.structure import classify_with_null, median_dissimilarity
@@ -32,7 +33,8 @@ from kernelwatch.structure import classify_with_null, median_dissimilarity
 @dataclass
 class LayerReport:
     """One depthwise layer: how many kernels, how many clustered, and into what; with the
-    structure measures of :mod:`kernelwatch.structure` (NaN where not measured)."""
+    structure measures of :mod:`kernelwatch.structure` (NaN where not measured) and how its
+    kernels met the spectrum (``approach``, see :mod:`kernelwatch.kernel_sizes`)."""
 
     name: str
     kernel_size: int
@@ -45,6 +47,7 @@ class LayerReport:
     median_dissimilarity: float = math.nan
     null_clustered_fraction: float = math.nan
     null_median_dissimilarity: float = math.nan
+    approach: str = "native"
     result: ClassificationResult | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,6 +140,10 @@ class AnalysisReport:
                 f"note: {self.n_invalid} of {self.n_kernels} kernels are invalid (NaN/Inf, all-zero or "
                 "constant) and count as not clustered"
             )
+        for layer in self.layers:
+            if layer.approach != "native":
+                k = layer.kernel_size
+                rows.append(f"note: layer {layer.name} ({k}x{k}) read through its {layer.approach}")
         for name, reason in self.skipped.items():
             rows.append(f"skipped {name}: {reason}")
         if self.first_layer is not None:
@@ -175,13 +182,16 @@ def analyze_layer(
     spectrum: Spectrum,
     dilation: tuple[int, int] | None = None,
     activation: bool = True,
+    threshold: float | None = None,
 ) -> LayerReport:
     """Classify one layer's ``[C, k, k]`` kernels and summarise them, with their null level;
-    ``activation=False`` skips the total-activation statistics (meaningless for an update)."""
-    result, null = classify_with_null(kernels, spectrum)
+    ``activation=False`` skips the total-activation statistics (meaningless for an update);
+    ``threshold`` replaces the spectrum's (see :meth:`Spectrum.classify`)."""
+    approach = spectrum.approach_for(kernels)
+    result, null = classify_with_null(kernels, spectrum, approach=approach, threshold=threshold)
     return LayerReport(
         name=name,
-        kernel_size=spectrum.kernel_size,
+        kernel_size=kernels.shape[-1],
         n_kernels=len(result),
         n_invalid=int((~result.valid).sum()),
         clustered_fraction=float(result.clustered.mean()) if len(result) else 0.0,
@@ -191,15 +201,20 @@ def analyze_layer(
         median_dissimilarity=median_dissimilarity(result),
         null_clustered_fraction=null.clustered_fraction,
         null_median_dissimilarity=null.median_dissimilarity,
+        approach=approach.describe(),
         result=result,
     )
 
 
-def analyze(model_or_checkpoint: Any, spectra: dict[int, Spectrum] | None = None) -> AnalysisReport:
-    """Classify the kernels of every depthwise layer; layers of unsupported sizes are skipped
-    with the reason. Accepts what :func:`kernelwatch.extract_depthwise` accepts. The stem gets
-    :func:`kernelwatch.analyze_first_layer` (without data); a stem that cannot be analysed
-    (NaN weights, say) leaves ``first_layer`` None with the reason, not an error."""
+def analyze(
+    model_or_checkpoint: Any, spectra: dict[int, Spectrum] | None = None, threshold: float | None = None
+) -> AnalysisReport:
+    """Classify the kernels of every depthwise layer; layers no spectrum serves (even sizes)
+    are skipped with the reason. Accepts what :func:`kernelwatch.extract_depthwise` accepts.
+    ``spectra`` maps kernel sizes to spectra to use instead of the shipped ones; ``threshold``
+    replaces every spectrum's, e.g. with the paper's (:data:`kernelwatch.PAPER_THRESHOLDS`).
+    The stem gets :func:`kernelwatch.analyze_first_layer` (without data); a stem that cannot be
+    analysed (NaN weights, say) leaves ``first_layer`` None with the reason, not an error."""
     if isinstance(model_or_checkpoint, (str, os.PathLike)):  # loaded once for both lenses
         model_or_checkpoint = load_checkpoint(model_or_checkpoint)
     layers = extract_depthwise(model_or_checkpoint)
@@ -214,11 +229,13 @@ def analyze(model_or_checkpoint: Any, spectra: dict[int, Spectrum] | None = None
     for name, kernels in layers.items():
         k = kernels.shape[-1]
         if k not in spectra:
-            if k not in SUPPORTED_KERNEL_SIZES:
-                skipped[name] = f"{k}x{k} kernels: no spectrum ships for this size (shipped: {SUPPORTED_KERNEL_SIZES})"
+            reason = unservable_reason(k)
+            if reason:
+                skipped[name] = reason
                 continue
-            spectra[k] = Spectrum.pretrained(kernel_size=k)
-        reports.append(analyze_layer(name, kernels, spectra[k], layers.dilated.get(name)))
+            size = spectrum_size(k)
+            spectra[k] = spectra[size] if size in spectra else Spectrum.pretrained(kernel_size=size)
+        reports.append(analyze_layer(name, kernels, spectra[k], layers.dilated.get(name), threshold=threshold))
     if not reports:
         raise KernelWatchError(f"no depthwise layer could be analysed: {_reasons(skipped)}")
     first_layer, note = first_layer_of(model_or_checkpoint, depthwise={*layers, *layers.unsupported})

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernelwatch._config import SUPPORTED_KERNEL_SIZES
 from kernelwatch.analysis import AnalysisReport
 from kernelwatch.anomalies import Anomaly, AnomalyDetector
 from kernelwatch.errors import KernelWatchError
@@ -36,6 +35,7 @@ from kernelwatch.extraction import (
     iter_conv_weights,
     load_checkpoint,
 )
+from kernelwatch.kernel_sizes import unservable_reason
 from kernelwatch.monitor import _check_step
 from kernelwatch.snapshot import SpectrumCache, write_snapshot
 from kernelwatch.update_lens import REFERENCE_FILE, UpdateReference
@@ -121,18 +121,14 @@ def _check_analysable(kernels: DepthwiseKernels) -> None:
             "no depthwise convolutions found (nn.Conv2d with groups == in_channels > 1, "
             "or [C, 1, k, k] weights in a checkpoint)"
         )
-    if not any(layer.shape[-1] in SUPPORTED_KERNEL_SIZES for layer in kernels.values()):
+    if all(unservable_reason(layer.shape[-1]) for layer in kernels.values()):
         reasons = dict(kernels.unsupported)
-        reasons.update((name, _no_spectrum(layer.shape[-1])) for name, layer in kernels.items())
+        reasons.update((name, unservable_reason(layer.shape[-1])) for name, layer in kernels.items())
         first = next(iter(reasons.items()))
         raise KernelWatchError(
             f"no depthwise layer could be analysed: layer {first[0] or '<root>'}: {first[1]}"
             + (f"; and {len(reasons) - 1} more layer(s)" if len(reasons) > 1 else "")
         )
-
-
-def _no_spectrum(k: int) -> str:
-    return f"{k}x{k} kernels: no spectrum ships for this size (shipped: {SUPPORTED_KERNEL_SIZES})"
 
 
 def log_checkpoints(

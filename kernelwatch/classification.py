@@ -237,20 +237,23 @@ def classify_unit(
     index: PrototypeIndex,
     codes: np.ndarray,
     labels: np.ndarray,
-    threshold: float,
+    threshold: float | np.ndarray,
     exact: bool = False,
 ) -> ClassificationResult:
     """Label centred unit kernels by their nearest prototype; see :class:`ClassificationResult`.
 
-    Decisions (labels, clustered) are always those of the exhaustive search. ``exact=False``
-    lets the search give up on kernels that cannot reach the threshold: their dissimilarity and
-    code then come from a near, not necessarily the nearest, prototype (still above threshold).
+    ``threshold`` is one number or one per prototype (a kernel is clustered when its distance
+    is at most its nearest prototype's threshold). Decisions (labels, clustered) are always
+    those of the exhaustive search. ``exact=False`` lets the search give up on kernels that
+    cannot reach the largest threshold: their dissimilarity and code then come from a near, not
+    necessarily the nearest, prototype (still above that threshold).
     """
-    best, sim = index.search(unit, floor=-1.0 if exact else 1.0 - threshold)
+    threshold = np.asarray(threshold, dtype=np.float64)
+    best, sim = index.search(unit, floor=-1.0 if exact else 1.0 - float(threshold.max()))
     best = best.cpu().numpy()
     dissimilarity = (1.0 - sim).cpu().numpy().astype(np.float64)
     valid_np = valid.cpu().numpy()
-    clustered = valid_np & (dissimilarity <= threshold)
+    clustered = valid_np & (dissimilarity <= (threshold[best] if threshold.ndim else threshold))
     out_labels = labels[best].astype(np.result_type(labels, np.array([UNCLUSTERED, INVALID])))
     out_labels[~clustered] = UNCLUSTERED
     out_labels[~valid_np] = INVALID

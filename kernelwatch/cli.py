@@ -126,6 +126,8 @@ def _analyze(args: argparse.Namespace) -> int:
         )
     if args.steps is not None and not args.log_dir:
         raise KernelWatchError("--steps goes with --log-dir")
+    if args.threshold is not None and args.log_dir:
+        raise KernelWatchError("--threshold goes without --log-dir (a run is written with the spectra's own thresholds)")
     steps = _parse_steps(args.steps, n_checkpoints)
     if args.plot:
         from kernelwatch.plots import check_plot_file
@@ -143,7 +145,7 @@ def _analyze(args: argparse.Namespace) -> int:
             from kernelwatch.analysis import analyze
 
             _, target = next(targets)
-            report = analyze(target)
+            report = analyze(target, threshold=args.threshold)
         if args.plot:
             from kernelwatch.extraction import extract_depthwise
             from kernelwatch.plots import plot_report
@@ -218,7 +220,8 @@ def _library_warnings_silenced() -> Iterator[None]:
 def _pretrain(args: argparse.Namespace) -> int:
     from kernelwatch.pretrain import pretrain, pretrain_kmeans
 
-    output = Path(args.output or f"spectrum_k{args.kernel_size}.npz")
+    prefix = {"autoencoder": "spectrum", "kmeans": "kmeans", "paper": "paper"}[args.method]
+    output = Path(args.output or f"{prefix}_k{args.kernel_size}.npz")
 
     def log(message: str) -> None:
         end = "" if message.startswith("\r") else "\n"
@@ -235,6 +238,7 @@ def _pretrain(args: argparse.Namespace) -> int:
             n_codes=args.codes,
             seed=args.seed,
             log=log,
+            paper=args.method == "paper",
         )
     return 0
 
@@ -298,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--json", action="store_true", help="print the report (of the last checkpoint) as JSON")
     analyze.add_argument(
+        "--threshold",
+        type=float,
+        metavar="X",
+        help="one threshold for every family instead of the spectra's per-family ones (the paper's: 0.2 for 5x5, 0.3 for 7x7)",
+    )
+    analyze.add_argument(
         "--log-dir", metavar="DIR", help="write the checkpoints as one run (a step each) to DIR for TensorBoard"
     )
     analyze.add_argument("--steps", metavar="S1,S2,...", help="the checkpoints' steps in the run (default 0,1,2,...)")
@@ -313,7 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = command("pretrain")
     pretrain.add_argument("--kernel-size", type=int, required=True, choices=(3, 5, 7), help="kernel size to train for")
-    pretrain.add_argument("--method", choices=("autoencoder", "kmeans"), default="autoencoder", help="default: %(default)s")
+    pretrain.add_argument(
+        "--method",
+        choices=("autoencoder", "kmeans", "paper"),
+        default="autoencoder",
+        help="autoencoder (the shipped recipe), paper (the paper's recipe) or kmeans (3x3); default: %(default)s",
+    )
     pretrain.add_argument("--output", help="spectrum file to write (default spectrum_k<K>.npz)")
     pretrain.add_argument("--epochs", type=int, help="default: the shipped spectrum's recipe")
     pretrain.add_argument("--synthetic", type=int, help="synthetic kernels added to the real ones (default: recipe)")

@@ -14,7 +14,6 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from kernelwatch._config import SUPPORTED_KERNEL_SIZES
 from kernelwatch.checkpoint_file import check_checkpoint_file
 from kernelwatch.errors import KernelWatchError
 
@@ -280,7 +279,7 @@ def unsupported_reason(weight: torch.Tensor) -> str | None:
     >>> unsupported_reason(torch.zeros(4, 1, 1, 5))
     'non-square kernel 1x5 (weight [4, 1, 1, 5]); only k x k kernels are analysed'
     >>> unsupported_reason(torch.zeros(4, 1, 1, 1))
-    '1x1 kernel (weight [4, 1, 1, 1]) has no spatial pattern; spectra ship for 3x3, 5x5, 7x7'
+    '1x1 kernel (weight [4, 1, 1, 1]) has no spatial pattern; spectra serve odd sizes >= 3'
     """
     shape = list(weight.shape)
     if weight.ndim == 5:
@@ -295,6 +294,5 @@ def unsupported_reason(weight: torch.Tensor) -> str | None:
     if kh != kw:
         return f"non-square kernel {kh}x{kw} (weight {shape}); only k x k kernels are analysed"
     if kh == 1:
-        sizes = ", ".join(f"{k}x{k}" for k in SUPPORTED_KERNEL_SIZES)
-        return f"1x1 kernel (weight {shape}) has no spatial pattern; spectra ship for {sizes}"
+        return f"1x1 kernel (weight {shape}) has no spatial pattern; spectra serve odd sizes >= 3"
     return None

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernelwatch._config import SUPPORTED_KERNEL_SIZES
 from kernelwatch._dir_lock import LOCK_FILE, DirLock
 from kernelwatch.anomalies import Anomaly, AnomalyConfig, AnomalyDetector, AnomalyError, severity_at_least
 from kernelwatch.errors import KernelWatchError
@@ -539,9 +538,9 @@ class KernelWatch:
             self._reference.save(self.log_dir)
         self._warn_once(
             "no_spectrum",
-            "no spectrum ships for the kernels of %s (shipped sizes: %s); these layers are skipped",
+            "no spectrum serves the kernels of %s (even sizes have no centre pixel; every odd size >= 3 is "
+            "served); these layers are skipped",
             ", ".join(f"{name or '<root>'} ({k}x{k})" for name, k in written.no_spectrum.items()),
-            SUPPORTED_KERNEL_SIZES,
             when=bool(written.no_spectrum),
         )
         # One flush per snapshot: a process killed later keeps this snapshot readable.

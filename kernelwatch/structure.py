@@ -23,6 +23,7 @@ import torch
 
 from kernelwatch._config import DEFAULT_SEED
 from kernelwatch.classification import ClassificationResult
+from kernelwatch.kernel_sizes import SizeApproach
 from kernelwatch.spectrum import Spectrum
 
 #: At most this many kernels of a layer are shuffled for its null level: enough to resolve the
@@ -65,15 +66,23 @@ def spatially_shuffled(kernels: torch.Tensor, seed: int = DEFAULT_SEED) -> torch
 
 
 def classify_with_null(
-    kernels: torch.Tensor, spectrum: Spectrum, seed: int = DEFAULT_SEED
+    kernels: torch.Tensor,
+    spectrum: Spectrum,
+    seed: int = DEFAULT_SEED,
+    approach: SizeApproach | None = None,
+    threshold: float | None = None,
 ) -> tuple[ClassificationResult, NullLevel]:
     """Classify ``[N, k, k]`` kernels, and the spatially shuffled copies of (at most
     :data:`MAX_NULL_KERNELS` evenly chosen of) them for their null level. One classification
-    call for both: on small layers its fixed cost is most of the work."""
+    call for both: on small layers its fixed cost is most of the work. Both are read by the
+    same ``approach`` (default: the one ``kernels`` call for) and ``threshold``
+    (see :meth:`Spectrum.classify`)."""
     sample = kernels
     if len(kernels) > MAX_NULL_KERNELS:
         sample = kernels[torch.linspace(0, len(kernels) - 1, MAX_NULL_KERNELS, device=kernels.device).round().long()]
-    both = spectrum.classify(torch.cat([kernels, spatially_shuffled(sample, seed)]))
+    if approach is None and kernels.shape[-1] != spectrum.kernel_size:
+        approach = spectrum.approach_for(kernels)
+    both = spectrum.classify(torch.cat([kernels, spatially_shuffled(sample, seed)]), threshold=threshold, approach=approach)
     result, shuffled = both[: len(kernels)], both[len(kernels) :]
     if not shuffled.valid.any():
         return result, NullLevel(float("nan"), float("nan"))

@@ -55,14 +55,14 @@ def test_timm_model_and_checkpoint_give_the_same_report(tmp_path):
 def test_bad_models_have_clear_errors_and_partial_reports():
     with pytest.raises(kw.KernelWatchError, match="no depthwise convolutions found"):
         kw.analyze(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
-    with pytest.raises(kw.KernelWatchError, match="9x9 kernels: no spectrum ships"):
-        kw.analyze(nn.Conv2d(4, 4, 9, groups=4))
+    with pytest.raises(kw.KernelWatchError, match="4x4 kernels: no spectrum serves even sizes"):
+        kw.analyze(nn.Conv2d(4, 4, 4, groups=4))
     model = small_dw_net()
-    model.add_module("big", nn.Conv2d(32, 32, 9, groups=32))
+    model.add_module("big", nn.Conv2d(32, 32, 4, groups=32))
     with torch.no_grad():
         model[1].weight[:3] = float("nan")
     report = kw.analyze(model)
-    assert "big" in report.skipped and "9x9" in report.skipped["big"]
+    assert "big" in report.skipped and "4x4" in report.skipped["big"]
     assert report.layers[0].n_invalid == 3
     assert "skipped big" in report.format_table()
 

@@ -452,15 +452,21 @@ def test_unwritable_log_dir_fails_at_construction(tmp_path):
 
 
 def test_unsupported_sizes_are_skipped_with_one_warning(tmp_path, caplog):
-    model = nn.Sequential(nn.Conv2d(8, 8, 9, groups=8), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, (1, 3), groups=8))
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 4, groups=8),
+        nn.Conv2d(8, 8, 3, groups=8),
+        nn.Conv2d(8, 8, (1, 3), groups=8),
+        nn.Conv2d(8, 8, 9, groups=8),  # served by the 7x7 spectrum through its central area
+    )
     with caplog.at_level(logging.WARNING, logger="kernelwatch"), KernelWatch(tmp_path) as watch:
         for step in range(3):
             watch.snapshot(model, step)
     messages = [r.getMessage() for r in caplog.records]
-    assert sum("no spectrum ships for the kernels of 0 (9x9)" in m for m in messages) == 1
+    assert sum("no spectrum serves the kernels of 0 (4x4)" in m for m in messages) == 1
     assert sum("left out: 2: non-square kernel 1x3" in m for m in messages) == 1
     records = read(tmp_path)
     assert steps(records, fmt.make_tag(fmt.PROPORTIONS, "1")) == [0, 1, 2]
+    assert steps(records, fmt.make_tag(fmt.PROPORTIONS, "3")) == [0, 1, 2]
     assert fmt.make_tag(fmt.PROPORTIONS, "0") not in records
     assert steps(records, fmt.make_tag(fmt.QUALITY, "0")) == [0, 1, 2]  # quality for every conv
 

@@ -60,7 +60,10 @@ def write_emerging(writer, steps, layers=EMERGING_LAYERS) -> None:
 
     np = backend.np
     torch.set_num_threads(1)
-    spectrum = Spectrum.pretrained(kernel_size=5)
+    # The paper's method: its 0.2 threshold leaves random kernels ~1 % clustered, the "clustered
+    # fraction near 0 early on" this picture is about; the shipped per-family thresholds let the
+    # null reach 2.4 % by design (docs/spectra.md).
+    spectrum = Spectrum.pretrained(kernel_size=5, method="paper")
     for step in steps:
         for order, layer in enumerate(layers):
             rng = np.random.default_rng(order)

@@ -1,5 +1,6 @@
 """The shipped spectra: offline loading, classification of real and null kernels, file format."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,13 @@ from kernelwatch.metrics import family
 from kernelwatch.pretrain import shuffled
 
 FIXTURE = Path(__file__).parent / "fixtures" / "efficientnet_lite0_kernels.npz"
+
+# The independent generator judges the spectra and never enters the package: load it by path.
+_spec = importlib.util.spec_from_file_location(
+    "independent_patterns", Path(__file__).parents[1] / "benchmarks" / "independent_patterns.py"
+)
+independent = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(independent)
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +86,19 @@ def test_classify_matches_brute_force_and_accepts_numpy_or_torch(real):
     np.testing.assert_array_equal(res.labels, res_torch.labels)
     unit, _ = centre_and_normalise(torch.from_numpy(real[5]))
     protos, _ = centre_and_normalise(torch.from_numpy(spec.prototypes))
-    _, sim = nearest_prototype_brute_force(unit, protos)
+    nearest, sim = nearest_prototype_brute_force(unit, protos)
     brute = 1 - sim.numpy()
+    threshold = spec.prototype_thresholds[nearest.numpy()]  # one threshold per family
     ok = res.valid  # the real layer has a few all-zero (dead) kernels
     assert 0 < (~ok).sum() < 20
     # Decisions always equal the exhaustive search; distances too where they decide something.
     np.testing.assert_array_equal(res.labels, exact.labels)
-    np.testing.assert_array_equal(res.clustered[ok], brute[ok] <= spec.threshold)
+    np.testing.assert_array_equal(res.clustered[ok], brute[ok] <= threshold[ok])
     np.testing.assert_allclose(exact.dissimilarity[ok], brute[ok], atol=1e-6)
     np.testing.assert_allclose(res.dissimilarity[res.clustered], brute[res.clustered], atol=1e-6)
-    assert np.all(res.dissimilarity[ok & ~res.clustered] > spec.threshold)
+    unclustered = ok & ~res.clustered
+    assert np.all(brute[unclustered] > threshold[unclustered])
+    assert np.all(res.dissimilarity[unclustered] >= brute[unclustered] - 1e-6)
     assert np.all((res.codes[ok] >= 0) & (res.codes[ok] <= 1))
 
 
@@ -111,8 +122,9 @@ def test_invalid_kernels_are_labelled_invalid():
 
 
 def test_unsupported_sizes_and_methods_have_clear_errors():
-    with pytest.raises(kw.KernelWatchError, match="no pretrained spectrum for 9x9"):
-        kw.Spectrum.pretrained(kernel_size=9)
+    with pytest.raises(kw.KernelWatchError, match="no spectrum serves even sizes"):
+        kw.Spectrum.pretrained(kernel_size=6)
+    assert kw.Spectrum.pretrained(kernel_size=9).kernel_size == 7  # through the central area
     with pytest.raises(kw.KernelWatchError, match="unknown spectrum method"):
         kw.Spectrum.pretrained(kernel_size=5, method="pca")
     with pytest.raises(kw.KernelWatchError, match="3x3 but this spectrum is for 5x5"):
@@ -147,3 +159,27 @@ def test_intervals_cover_the_code_axis():
     intervals = spec.intervals()
     assert intervals[0][1] == 0.0 and intervals[-1][2] == 1.0
     assert all(a[0] != b[0] for a, b in zip(intervals, intervals[1:]))
+
+
+@pytest.mark.parametrize("k", [5, 7])
+def test_every_family_of_the_independent_generator_is_recognised(k):
+    spec = kw.Spectrum.pretrained(kernel_size=k)
+    for i, name in enumerate(independent.families(k)):
+        kernels, _ = independent.generate(name, 300, k, rng=100 + i)
+        res = spec.classify(kernels)
+        assert np.mean(res.clustered & (family(res.labels) == name)) >= 0.8, name
+
+
+def test_the_papers_thresholds_and_method_stay_reachable(real):
+    spec = kw.Spectrum.pretrained(kernel_size=5)
+    assert spec.family_thresholds and kw.PAPER_THRESHOLDS[5] == 0.2
+    uniform = spec.classify(real[5], threshold=0.2, exact=True)
+    np.testing.assert_array_equal(uniform.clustered, uniform.valid & (uniform.dissimilarity <= 0.2))
+    model = torch.nn.Conv2d(len(real[5]), len(real[5]), 5, groups=len(real[5]))
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(real[5])[:, None])
+    assert kw.analyze(model, threshold=0.2).clustered_fraction == pytest.approx(uniform.clustered.mean())
+    assert kw.analyze(model).clustered_fraction == pytest.approx(spec.classify(real[5]).clustered.mean())
+    paper = kw.Spectrum.pretrained(kernel_size=5, method="paper")
+    assert paper.method == "paper" and paper.threshold == 0.2 and not paper.family_thresholds
+    assert kw.Spectrum.pretrained(kernel_size=3, method="paper").method == "kmeans"  # section 5
