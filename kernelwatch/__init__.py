@@ -27,6 +27,14 @@ _LAZY = {
     "AnalysisReport": "kernelwatch.analysis",
     "LayerReport": "kernelwatch.analysis",
     "KernelWatch": "kernelwatch.monitor",
+    "FirstLayerReport": "kernelwatch.first_layer",
+    "PatchPCA": "kernelwatch.first_layer",
+    "analyze_first_layer": "kernelwatch.first_layer",
+    "first_layer_report": "kernelwatch.first_layer",
+    "find_stem": "kernelwatch.first_layer",
+    "image_patches": "kernelwatch.first_layer",
+    "patch_pca": "kernelwatch.first_layer",
+    "prior_pca": "kernelwatch.first_layer",
     "SizeApproach": "kernelwatch.kernel_sizes",
 }
 _SUBMODULES = ("patterns", "init")
@@ -38,6 +46,16 @@ if TYPE_CHECKING:
     from kernelwatch.analysis import AnalysisReport, LayerReport, analyze
     from kernelwatch.classification import ClassificationResult
     from kernelwatch.extraction import DepthwiseKernels, extract_depthwise
+    from kernelwatch.first_layer import (
+        FirstLayerReport,
+        PatchPCA,
+        analyze_first_layer,
+        find_stem,
+        first_layer_report,
+        image_patches,
+        patch_pca,
+        prior_pca,
+    )
     from kernelwatch.kernel_sizes import SizeApproach
     from kernelwatch.spectrum import Spectrum
 

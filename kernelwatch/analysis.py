@@ -1,15 +1,19 @@
-"""Analyse every depthwise layer of a model or checkpoint against the shipped spectra.
+"""Analyse every depthwise layer of a model or checkpoint against the shipped spectra, and its
+stem with the first-layer lens (:mod:`kernelwatch.first_layer`).
 
 >>> import torch, kernelwatch as kw
 >>> model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 5, groups=8), torch.nn.Conv2d(8, 4, 1))
 >>> report = kw.analyze(model)
 >>> [layer.name for layer in report.layers], report.layers[0].n_kernels
 (['0'], 8)
+>>> report.first_layer is None, report.first_layer_note  # the first convolution is depthwise: no stem
+(True, '')
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +22,8 @@ import torch
 from kernelwatch._config import CLUSTERS
 from kernelwatch.classification import ClassificationResult
 from kernelwatch.errors import KernelWatchError
-from kernelwatch.extraction import extract_depthwise
+from kernelwatch.extraction import extract_depthwise, load_checkpoint
+from kernelwatch.first_layer import FirstLayerReport, analyze_first_layer
 from kernelwatch.kernel_sizes import spectrum_size, unservable_reason
 from kernelwatch.metrics import cluster_proportions, total_activation
 from kernelwatch.spectrum import Spectrum
@@ -53,10 +58,13 @@ class LayerReport:
 
 @dataclass
 class AnalysisReport:
-    """Per-layer reports plus the layers that could not be analysed and why."""
+    """Per-layer reports plus the layers that could not be analysed and why; the stem's
+    first-layer report (against the natural-image prior), or None and why not."""
 
     layers: list[LayerReport]
     skipped: dict[str, str]
+    first_layer: FirstLayerReport | None = None
+    first_layer_note: str = ""
 
     @property
     def n_kernels(self) -> int:
@@ -88,6 +96,8 @@ class AnalysisReport:
             "proportions": self.proportions,
             "layers": [layer.to_dict() for layer in self.layers],
             "skipped": self.skipped,
+            "first_layer": self.first_layer.to_json() if self.first_layer else None,
+            "first_layer_note": self.first_layer_note,
         }
 
     def format_table(self) -> str:
@@ -136,7 +146,34 @@ class AnalysisReport:
                 rows.append(f"note: layer {layer.name} ({k}x{k}) read through its {layer.approach}")
         for name, reason in self.skipped.items():
             rows.append(f"skipped {name}: {reason}")
+        if self.first_layer is not None:
+            rows.append(format_first_layer(self.first_layer))
+        elif self.first_layer_note:
+            rows.append(f"first layer: {self.first_layer_note}")
         return "\n".join(rows)
+
+
+def format_first_layer(report: FirstLayerReport) -> str:
+    """One line: the stem, its whitening score and its reflections.
+
+    >>> import numpy as np
+    >>> from kernelwatch.first_layer import first_layer_report
+    >>> w = np.random.default_rng(0).standard_normal((16, 3, 4, 4))
+    >>> format_first_layer(first_layer_report(w, layer="stem", stride=(4, 4)))[:40]
+    'first layer stem: 3x4x4, stride 4; white'
+    """
+    kh, kw = report.kernel_size
+    sy, sx = report.stride
+    stride = f"{sy}" if sy == sx else f"{sy}x{sx}"
+    whitening = "n/a" if report.whitening is None else f"{report.whitening:.2f}"
+    against = f"{report.n_patches} patches" if report.source == "data" else "natural-image prior"
+    names = ("R", "G", "B") if report.in_channels == 3 else tuple(f"c{i}" for i in range(report.in_channels))
+    colour = " ".join(f"{name} {value:.2f}" for name, value in zip(names, report.reflections["colour"]))
+    return (
+        f"first layer {report.layer or '<root>'}: {report.in_channels}x{kh}x{kw}, stride {stride}; whitening {whitening} "
+        f"({against}); sharpness {report.reflections['sharpness']:.2f}, noise {report.reflections['noise']:.2f}, "
+        f"colour {colour}"
+    )
 
 
 def analyze_layer(
@@ -175,7 +212,11 @@ def analyze(
     """Classify the kernels of every depthwise layer; layers no spectrum serves (even sizes)
     are skipped with the reason. Accepts what :func:`kernelwatch.extract_depthwise` accepts.
     ``spectra`` maps kernel sizes to spectra to use instead of the shipped ones; ``threshold``
-    replaces every spectrum's, e.g. with the paper's (:data:`kernelwatch.PAPER_THRESHOLDS`)."""
+    replaces every spectrum's, e.g. with the paper's (:data:`kernelwatch.PAPER_THRESHOLDS`).
+    The stem gets :func:`kernelwatch.analyze_first_layer` (without data); a stem that cannot be
+    analysed (NaN weights, say) leaves ``first_layer`` None with the reason, not an error."""
+    if isinstance(model_or_checkpoint, (str, os.PathLike)):  # loaded once for both lenses
+        model_or_checkpoint = load_checkpoint(model_or_checkpoint)
     layers = extract_depthwise(model_or_checkpoint)
     skipped = dict(layers.unsupported)
     if not layers and not skipped:
@@ -197,7 +238,21 @@ def analyze(
         reports.append(analyze_layer(name, kernels, spectra[k], layers.dilated.get(name), threshold=threshold))
     if not reports:
         raise KernelWatchError(f"no depthwise layer could be analysed: {_reasons(skipped)}")
-    return AnalysisReport(reports, skipped)
+    first_layer, note = first_layer_of(model_or_checkpoint, depthwise={*layers, *layers.unsupported})
+    return AnalysisReport(reports, skipped, first_layer, note)
+
+
+def first_layer_of(model_or_checkpoint: Any, depthwise: set[str]) -> tuple[FirstLayerReport | None, str]:
+    """The first-layer report of a model or state dict, or None and why. A first convolution
+    among the ``depthwise`` layers is no stem (None, no reason: the table stays as it was for
+    depthwise-only models); a stem that fails is reported, not raised."""
+    try:
+        report = analyze_first_layer(model_or_checkpoint)
+    except KernelWatchError as err:
+        return None, str(err)
+    if report.layer in depthwise:
+        return None, ""
+    return report, ""
 
 
 def _reasons(skipped: dict[str, str], shown: int = 3) -> str:

@@ -1,5 +1,6 @@
 """Anomaly flags on per-layer clustered fractions: memorisation-like layers, outlier layers,
-regressions over time and invalid kernels. The thresholds and how they were measured are in
+regressions over time and invalid kernels; and on the model's stem, a shift of what its
+updates reflect of the data or of the sampled inputs themselves (:class:`FirstLayerShift`). The thresholds and how they were measured are in
 ``docs/anomalies.md``.
 
 :func:`detect` is a pure function of one snapshot's layer reports and the clustered fractions
@@ -27,14 +28,17 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from kernelwatch.errors import KernelWatchError
 from kernelwatch.format import SEVERITIES, UPDATE, WEIGHTS
 
 if TYPE_CHECKING:
     from kernelwatch.analysis import LayerReport
+    from kernelwatch.first_layer import FirstLayerReport
 
-#: What a flag can be about: rules (a) to (d) of docs/anomalies.md.
-KINDS = ("memorisation", "outlier", "regression", "invalid")
+#: What a flag can be about: rules (a) to (d) of docs/anomalies.md, and (e) the stem's shift.
+KINDS = ("memorisation", "outlier", "regression", "invalid", "first_layer_shift")
 #: Scales a median absolute deviation to a standard deviation under normality.
 _MAD_TO_SD = 1.4826
 
@@ -128,6 +132,20 @@ class AnomalyConfig:
 
     invalid_error_fraction: float = 0.5
     """(d) "error" from this share on; such a layer is left out of (a), (b) and (c)."""
+
+    shift_baseline: int = 3
+    """(e) The run's own baseline: the median of the stem's first this many figures (each
+    figure counted from its own first value)."""
+
+    shift_reflection: float = 0.15
+    """(e) Flag when the noise reflection of the stem's update since the previous snapshot is
+    at least this far from its baseline. Measured (``benchmarks/measure_first_layer_shift.py``):
+    healthy runs drifted up to 0.07 from it in 400 steps, a pipeline that started adding noise
+    moved it by -0.08 to -0.14; so at that scale the input detail raised every flag."""
+
+    shift_detail: float = 1.1
+    """(e) Flag when the sampled inputs' detail (:func:`input_detail`), as
+    ``|log(detail / baseline)|``, is at least this: a factor of 3 either way."""
 
 
 def severity_at_least(anomaly: Anomaly, level: str) -> bool:
@@ -337,6 +355,104 @@ def _regression(step: int, name: str, layer: LayerReport, best: float, config: A
     )
 
 
+#: A flag of rule (e) must hold at this many snapshots in a row.
+SHIFT_PERSISTENCE = 2
+#: Fewer sampled patches than this give no input detail: a small sample's smallest variances
+#: come out low (a training's first snapshots measured half the detail of its later ones).
+MIN_DETAIL_PATCHES = 2048
+
+
+def input_detail(report: FirstLayerReport) -> float | None:
+    """The share of the input patches' variance in the second half of their principal
+    components (the smallest): the finest detail of the data, which blur takes away and noise
+    adds (on dead-leaves images, 5x5 patches: 5e-5, blurred by sigma 1.5 px 1e-6, with noise of
+    half their standard deviation 0.09). None for a report against the prior, or against fewer
+    than :data:`MIN_DETAIL_PATCHES` sampled patches.
+
+    >>> from types import SimpleNamespace
+    >>> input_detail(SimpleNamespace(source="data", n_patches=4096, eigenvalues=np.array([4.0, 2.0, 1.0, 1.0])))
+    0.25
+    """
+    values = np.asarray(report.eigenvalues, dtype=np.float64)
+    total = values.sum()
+    if report.source != "data" or report.n_patches < MIN_DETAIL_PATCHES or not total > 0:
+        return None
+    return float(values[len(values) // 2 :].sum() / total)
+
+
+class FirstLayerShift:
+    """Rule (e): the run's own early baseline of the stem's figures, and each figure's
+    departures from it. :meth:`update` takes a snapshot's report and the reflections of the
+    stem's update since the previous snapshot (None at the first), and returns the figures
+    beyond their threshold at this snapshot and at the :data:`SHIFT_PERSISTENCE` - 1 before.
+
+    >>> shift = FirstLayerShift(AnomalyConfig())
+    >>> for noise in (0.25, 0.27, 0.26, 0.27, 0.45, 0.48):
+    ...     found = shift.figures({"update noise": noise})
+    >>> found
+    {'update noise': (0.48, 0.26)}
+    """
+
+    def __init__(self, config: AnomalyConfig):
+        self.config = config
+        self.early: dict[str, list[float]] = {}  # each figure's first values, up to the baseline's count
+        self.streak: dict[str, int] = {}  # snapshots in a row beyond the threshold
+
+    def figures(self, values: dict[str, float | None]) -> dict[str, tuple[float, float]]:
+        """``{figure: (value, baseline)}`` of the figures that have been beyond their threshold
+        for :data:`SHIFT_PERSISTENCE` snapshots in a row."""
+        out = {}
+        for name, value in values.items():
+            if value is None or not math.isfinite(value):
+                continue
+            early = self.early.setdefault(name, [])
+            if len(early) < self.config.shift_baseline:
+                early.append(value)
+                continue
+            baseline = statistics.median(early)
+            if name == "input detail":
+                beyond = baseline > 0 and value > 0 and abs(math.log(value / baseline)) >= self.config.shift_detail
+            else:
+                beyond = abs(value - baseline) >= self.config.shift_reflection
+            self.streak[name] = self.streak.get(name, 0) + 1 if beyond else 0
+            if self.streak[name] >= SHIFT_PERSISTENCE:
+                out[name] = (value, baseline)
+        return out
+
+    def update(
+        self, step: int, report: FirstLayerReport, update: dict[str, Any] | None
+    ) -> list[Anomaly]:
+        # The update's sharpness and colour are left out: in healthy runs its sharpness rose by
+        # 0.15 as training went on, and its colour shares swung by 0.3 between snapshots.
+        values = {"input detail": input_detail(report), "update noise": None if update is None else update["noise"]}
+        found = self.figures(values)
+        if not found:
+            return []
+        what = "; ".join(
+            f"{name} {value:.4g} against {baseline:.4g} at the start of the run" for name, (value, baseline) in found.items()
+        )
+        numbers = {}
+        for name, (value, baseline) in found.items():
+            key = name.replace(" ", "_")
+            numbers[key], numbers[f"{key}_baseline"] = value, baseline
+        return [
+            Anomaly(
+                step, report.layer, "first_layer_shift", "warning",
+                f"the first layer {report.layer!r} sees different data than at the start of the run "
+                f"(a pipeline that started blurring, adding noise or changing colours?): {what}, "
+                f"for {SHIFT_PERSISTENCE} snapshots in a row",
+                numbers,
+            )
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"early": {k: list(v) for k, v in self.early.items()}, "streak": dict(self.streak)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.early = {str(k): [float(x) for x in v] for k, v in state.get("early", {}).items()}
+        self.streak = {str(k): int(v) for k, v in state.get("streak", {}).items()}
+
+
 class AnomalyDetector:
     """:func:`detect` with the history kept: each :meth:`update` compares with the best
     clustered fraction each layer reached at earlier updates, and reports a flag of the update
@@ -357,27 +473,42 @@ class AnomalyDetector:
         self.best: dict[str, float] = {}
         # (layer, kind) of the update-lens flags detect() raised at the previous update.
         self.update_flags: set[tuple[str, str]] = set()
+        self.first_layer = FirstLayerShift(self.config)
 
     def update(
-        self, step: int, layers: Mapping[str, LayerReport], updates: Mapping[str, LayerReport] | None = None
+        self,
+        step: int,
+        layers: Mapping[str, LayerReport],
+        updates: Mapping[str, LayerReport] | None = None,
+        first_layer: FirstLayerReport | None = None,
+        stem_update: dict[str, Any] | None = None,
     ) -> list[Anomaly]:
+        """Flags of one snapshot; with ``first_layer`` (the stem's report) and ``stem_update``
+        (the reflections of the stem's update since the previous snapshot), also rule (e)."""
         found = detect(step, layers, [self.best], self.config, updates)
         raised = {(a.layer, a.kind) for a in found if a.numbers.get("update_lens")}
         anomalies = [a for a in found if not a.numbers.get("update_lens") or (a.layer, a.kind) in self.update_flags]
         self.update_flags = raised
         for name, layer in layers.items():
             self.best[name] = max(self.best.get(name, -math.inf), layer.clustered_fraction)
+        if first_layer is not None:
+            anomalies += self.first_layer.update(step, first_layer, stem_update)
         return anomalies
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state: the best clustered fraction of each layer so far, and the update-lens
         flags of the last update."""
-        return {"best": dict(self.best), "update_flags": sorted(map(list, self.update_flags))}
+        return {
+            "best": dict(self.best),
+            "update_flags": sorted(map(list, self.update_flags)),
+            "first_layer": self.first_layer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; the detector keeps its own config."""
         try:
             self.best = {str(name): float(value) for name, value in state["best"].items()}
             self.update_flags = {(str(layer), str(kind)) for layer, kind in state.get("update_flags", [])}
+            self.first_layer.load_state_dict(state.get("first_layer", {}))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise KernelWatchError(f"not an AnomalyDetector state: {err}") from err

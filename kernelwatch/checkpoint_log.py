@@ -1,8 +1,9 @@
 """Checkpoints a user already has, as one run of the dashboard: ``kernelwatch analyze CKPT ...
 --log-dir DIR``. Each checkpoint becomes a snapshot at its step, written as
 :class:`~kernelwatch.KernelWatch` writes one (:func:`kernelwatch.snapshot.write_snapshot`):
-both lenses (the update lens against the first checkpoint), sprites, spectra, quality metrics
-and anomalies.
+both lenses (the update lens against the first checkpoint), sprites, spectra, quality metrics,
+the first-layer lens of the stem (against the natural-image prior: a checkpoint holds no
+inputs) and anomalies.
 
 >>> import tempfile, torch
 >>> from kernelwatch.summary import summarise
@@ -35,9 +36,10 @@ from kernelwatch.extraction import (
     iter_conv_weights,
     load_checkpoint,
 )
+from kernelwatch.first_layer import find_stem
 from kernelwatch.kernel_sizes import unservable_reason
 from kernelwatch.monitor import _check_step
-from kernelwatch.snapshot import SpectrumCache, write_snapshot
+from kernelwatch.snapshot import SpectrumCache, StemInput, write_snapshot
 from kernelwatch.update_lens import REFERENCE_FILE, UpdateReference
 from kernelwatch.writing import EventWriter
 
@@ -57,6 +59,7 @@ class CheckpointLog:
         self._reference = UpdateReference()
         self._detector = AnomalyDetector()
         self._last_step: int | None = None
+        self._stem_previous: torch.Tensor | None = None
         self.anomalies: list[Anomaly] = []
 
     def add(self, step: int, model_or_checkpoint: Any) -> AnalysisReport:
@@ -69,8 +72,18 @@ class CheckpointLog:
         _check_analysable(kernels)
         if self._last_step is None:
             self._writer.start_session(step)
+        stem = None
+        name = next(iter(conv_weights), None)  # the first conv, in model (or state dict) order
+        if name is not None and name not in kernels and name not in kernels.unsupported:  # not depthwise
+            # A state dict does not tell the stride; patch statistics hardly depend on it.
+            stride = (1, 1)
+            if isinstance(model_or_checkpoint, nn.Module):
+                stride = tuple(find_stem(model_or_checkpoint)[1].stride)
+            stem = StemInput(name, stride, None, self._stem_previous)
+            self._stem_previous = conv_weights[name]
         written = write_snapshot(
-            self._writer, step, kernels, conv_weights, self._spectra, self._reference, self._detector, self.max_kernels
+            self._writer, step, kernels, conv_weights, self._spectra, self._reference, self._detector, self.max_kernels,
+            stem=stem,
         )
         if self._reference.changed:
             self._reference.save(self.log_dir)

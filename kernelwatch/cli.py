@@ -136,7 +136,11 @@ def _analyze(args: argparse.Namespace) -> int:
     targets = _load_targets(args.targets, weights)
     with _library_warnings_silenced():
         if args.log_dir:
+            from kernelwatch.analysis import first_layer_of
+
             report, target = _write_run(targets, args.log_dir, steps)
+            depthwise = {layer.name for layer in report.layers} | set(report.skipped)
+            report.first_layer, report.first_layer_note = first_layer_of(target, depthwise)
         else:
             from kernelwatch.analysis import analyze
 
@@ -263,7 +267,7 @@ def _demo(args: argparse.Namespace) -> int:
 DESCRIPTION = "Classify the depthwise-convolution kernels of a model into Difference-of-Gaussians patterns."
 _HELP = {
     "demo": "train small CNNs on generated images, watched (offline, CPU, a few minutes)",
-    "analyze": "classify the depthwise kernels of checkpoints or a timm model",
+    "analyze": "classify the depthwise kernels of checkpoints or a timm model; read their stem",
     "summary": "what a kernelwatch log holds, per run, layer and step",
     "pretrain": "train a spectrum (fetches the training weights with pip)",
 }

@@ -48,10 +48,12 @@ CLUSTERED_FRACTION = "clustered_fraction"
 TOTAL_ACTIVATION = "total_activation"
 CODE_HISTOGRAM = "code_histogram"
 QUALITY = "quality"
-# Blob sequences: a layer's kernel sprite, a spectrum (per kernel size) and the run's anomalies.
+# Blob sequences: a layer's kernel sprite, a spectrum (per kernel size), the run's anomalies
+# and the first-layer lens of the model's stem (its filters as a picture, and its report).
 SPRITE = "sprite"
 SPECTRUM = "spectrum"
 ANOMALIES = "anomalies"
+FIRST_LAYER = "first_layer"
 
 TENSOR = summary_pb2.DATA_CLASS_TENSOR
 BLOB_SEQUENCE = summary_pb2.DATA_CLASS_BLOB_SEQUENCE
@@ -83,6 +85,7 @@ _KINDS: dict[str, tuple[int, str, dict[str, Any]]] = {
     SPRITE: (BLOB_SEQUENCE, "layer", {"blobs": ["png", "layout"]}),
     SPECTRUM: (BLOB_SEQUENCE, "kernel_size", {"blobs": ["png", "info"]}),
     ANOMALIES: (BLOB_SEQUENCE, "none", {"blobs": ["anomalies"]}),
+    FIRST_LAYER: (BLOB_SEQUENCE, "layer", {"blobs": ["png", "report"]}),
 }
 KINDS: tuple[str, ...] = tuple(_KINDS)
 #: The content fields an older version wrote differently; the others are as in the current one.
@@ -114,6 +117,12 @@ MAX_NAME_LENGTH = 1024
 #: Characters of an anomaly's message.
 MAX_TEXT_LENGTH = 4096
 MAX_KERNEL_SIZE = 255
+#: Entries of a first-layer report's profiles: a stem's ``in_channels x kh x kw``.
+MAX_FIRST_LAYER_DIM = 4096
+#: Input channels of a first-layer report (one colour reflection each).
+MAX_IN_CHANNELS = 64
+#: Where a first-layer report's patch statistics came from: sampled inputs, or the prior.
+FIRST_LAYER_SOURCES = ("data", "prior")
 MAX_HISTOGRAM_BINS = 1024
 #: The only colours a reader passes on; any other (a CSS ``url()``, a name) becomes FALLBACK_COLOUR.
 COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
@@ -476,7 +485,23 @@ SPECTRUM_INFO: dict[str, Any] = {
         "colours": {_NAME: _COLOUR},  # a map from any name
     },
 }
-_BLOB_SCHEMAS = {"layout": SPRITE_LAYOUT, "info": SPECTRUM_INFO}
+_PROFILE = [_Optional(_NUMBER)]
+#: A first-layer report (``FirstLayerReport.to_json()``), with the filter grid's geometry.
+FIRST_LAYER_REPORT: dict[str, Any] = {
+    "layer": _NAME,
+    "in_channels": _NUMBER,
+    "kernel_size": [_NUMBER],
+    "stride": [_NUMBER],
+    "source": _NAME,
+    "n_patches": _NUMBER,
+    "eigenvalues": _PROFILE,
+    "energy_profile": _PROFILE,
+    "whitening_prediction": _PROFILE,
+    "whitening": _Optional(_NUMBER),
+    "reflections": {"sharpness": _Optional(_NUMBER), "noise": _Optional(_NUMBER), "colour": _PROFILE},
+    "grid": _Optional({"n_filters": _NUMBER, "n_shown": _NUMBER, "columns": _NUMBER, "cell_size": _NUMBER}),
+}
+_BLOB_SCHEMAS = {"layout": SPRITE_LAYOUT, "info": SPECTRUM_INFO, "report": FIRST_LAYER_REPORT}
 
 
 def check_json(value: Any, schema: Any, where: str) -> Any:
@@ -539,7 +564,56 @@ def decode_blob(info: RecordInfo, name: str, blob: Any) -> Any:
     value = decode_json(blob)
     if name == "anomalies":
         return check_anomalies(value)
-    return check_json(value, _BLOB_SCHEMAS[name], f"{info.kind} {name}")
+    value = check_json(value, _BLOB_SCHEMAS[name], f"{info.kind} {name}")
+    return check_first_layer_report(value) if name == "report" else value
+
+
+def check_first_layer_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The rules of a first-layer report beyond :data:`FIRST_LAYER_REPORT`'s types: a kernel
+    size and stride of two integers from 1 to :data:`MAX_KERNEL_SIZE`, at most
+    :data:`MAX_IN_CHANNELS` channels, three profiles of ``in_channels x kh x kw`` (at most
+    :data:`MAX_FIRST_LAYER_DIM`) entries, one colour per channel, a known source.
+
+    >>> report = {"in_channels": 1, "kernel_size": [1, 2], "stride": [1, 1], "source": "data",
+    ...           "n_patches": 9, "eigenvalues": [2.0, 1.0], "energy_profile": [0.5, 0.5],
+    ...           "whitening_prediction": [0.4, None], "reflections": {"colour": [1.0]}}
+    >>> check_first_layer_report(report) is report
+    True
+    >>> check_first_layer_report({**report, "energy_profile": [1.0]})
+    Traceback (most recent call last):
+    ...
+    kernelwatch.format.FormatError: first_layer report's energy_profile has 1 entries, expected in_channels x kh x kw = 2
+    """
+    sizes = [report["kernel_size"], report["stride"]]
+    if not all(len(pair) == 2 and all(_is_int(v) and 1 <= v <= MAX_KERNEL_SIZE for v in pair) for pair in sizes):
+        raise FormatError(
+            f"first_layer report's kernel size and stride must be two integers from 1 to {MAX_KERNEL_SIZE}, "
+            f"got {_short(sizes)}"
+        )
+    channels = report["in_channels"]
+    if not _is_int(channels) or not 1 <= channels <= MAX_IN_CHANNELS:
+        raise FormatError(
+            f"first_layer report's in_channels must be an integer from 1 to {MAX_IN_CHANNELS}, got {_short(channels)}"
+        )
+    dim = channels * report["kernel_size"][0] * report["kernel_size"][1]
+    if dim > MAX_FIRST_LAYER_DIM:
+        raise FormatError(
+            f"first_layer report has {dim:,} dimensions per patch, over the limit of {MAX_FIRST_LAYER_DIM:,}"
+        )
+    for key in ("eigenvalues", "energy_profile", "whitening_prediction"):
+        if len(report[key]) != dim:
+            raise FormatError(
+                f"first_layer report's {key} has {len(report[key])} entries, expected in_channels x kh x kw = {dim}"
+            )
+    if len(report["reflections"]["colour"]) != channels:
+        n = len(report["reflections"]["colour"])
+        raise FormatError(f"first_layer report has {n} colour values for {channels} channels")
+    if report["source"] not in FIRST_LAYER_SOURCES or not _is_int(report["n_patches"]) or report["n_patches"] < 0:
+        raise FormatError(
+            f"first_layer report's source must be one of {FIRST_LAYER_SOURCES} and n_patches an integer >= 0, "
+            f"got {_short(report['source'])} and {_short(report['n_patches'])}"
+        )
+    return report
 
 
 def decode_blobs(info: RecordInfo, blobs: Sequence[bytes]) -> dict[str, Any]:

@@ -40,7 +40,8 @@ from kernelwatch.extraction import (
     unsupported_reason,
 )
 from kernelwatch.format import SEVERITIES
-from kernelwatch.snapshot import SpectrumCache, write_snapshot
+from kernelwatch.input_sample import InputSample, PatchSampler, sample_patches
+from kernelwatch.snapshot import SpectrumCache, StemInput, write_snapshot
 from kernelwatch.update_lens import UpdateReference
 from kernelwatch.writing import EventWriter
 
@@ -82,6 +83,8 @@ class _Snapshot:
     unsupported: dict[str, str]
     copied: list[Any] = field(default_factory=list)  # CUDA events marking the end of the copies
     session_start: int | None = None
+    stem: str | None = None  # the first-layer lens's conv, and the inputs it saw
+    inputs: InputSample | None = None
 
 
 class KernelWatch:
@@ -105,6 +108,11 @@ class KernelWatch:
     ``strict=True`` it is raised instead, as a :class:`KernelWatchError` at the next call (the
     watch stops all the same), and a log directory another live watch writes to is an error
     rather than a warning.
+
+    ``first_layer=True`` (the default) also watches the model's stem, its first convolution on
+    the input: a forward pre-hook keeps a small sample of the real input patches
+    (:class:`~kernelwatch.input_sample.PatchSampler`), and each snapshot writes the stem's
+    filters and its first-layer report against them (``docs/monitor.md``).
     """
 
     def __init__(
@@ -124,6 +132,7 @@ class KernelWatch:
         flush_timeout: float = 60.0,
         handle_sigterm: bool = True,
         strict: bool = False,
+        first_layer: bool = True,
     ):
         self.log_dir = str(log_dir)
         self.strict = bool(strict)
@@ -157,6 +166,9 @@ class KernelWatch:
         self._spectra = SpectrumCache()
         self._reference = UpdateReference()
         self._warned: set[str] = set()
+        self._first_layer = bool(first_layer)  # until the stem is looked for
+        self._sampler: PatchSampler | None = None
+        self._stem_previous: torch.Tensor | None = None  # the worker's: the stem at the last snapshot
         self._writer: EventWriter | None = None
         self._dir_lock: DirLock | None = None
         self._worker: threading.Thread | None = None
@@ -363,6 +375,8 @@ class KernelWatch:
             return None  # DDP: every rank holds the same weights; no collective needed
         if not sharded and self._accelerator is not None:
             model = self._accelerator.unwrap_model(model)
+        if self._is_main and self._first_layer:
+            self._watch_stem(model)
         snapshot = _Snapshot(step, {}, [], {}, {})
         cuda_devices = set()
         with torch.no_grad():
@@ -374,6 +388,8 @@ class KernelWatch:
                     snapshot.unsupported[name] = unsupported_reason(weight)
                     continue
                 snapshot.weights[name] = _off_device(weight)
+                if self._sampler is not None and module is self._sampler.module:
+                    snapshot.stem, snapshot.inputs = name, self._sampler.sample()
                 if weight.device.type == "cuda":
                     cuda_devices.add(weight.device)
                 if is_depthwise(module):
@@ -385,6 +401,21 @@ class KernelWatch:
             event.record(torch.cuda.current_stream(device))
             snapshot.copied.append(event)
         return snapshot if self._is_main else None
+
+    def _watch_stem(self, model: nn.Module) -> None:
+        """Hook the sampler onto the model's stem, at the first snapshot (once)."""
+        from kernelwatch.first_layer import find_stem
+
+        self._first_layer = False
+        try:
+            name, stem = find_stem(model)
+        except KernelWatchError as err:
+            logger.info("kernelwatch: no first-layer lens for this model (%s)", err)
+            return
+        if is_depthwise(stem):  # as kw.analyze: a depthwise first conv is no stem
+            logger.info("kernelwatch: no first-layer lens for this model (its first conv %r is depthwise)", name)
+            return
+        self._sampler = PatchSampler(stem)
 
     def _deliver(self) -> None:
         """Hand what the worker left on to the training thread: its failure, then anomalies."""
@@ -409,6 +440,8 @@ class KernelWatch:
                 self._take(model, self._last_step)
         finally:
             self._closed = True
+            if self._sampler is not None:
+                self._sampler.remove()
             self._shutdown()
         if deliver:
             self._deliver()
@@ -531,8 +564,19 @@ class KernelWatch:
             when=bool(kernels.unsupported),
         )
         kernels.dilated.update(snapshot.dilation)
+        stem = None
+        if snapshot.stem in snapshot.weights:  # not when its kernel size changed (renamed)
+            conv = self._sampler.module
+            try:
+                patches = sample_patches(snapshot.inputs, conv.kernel_size, conv.stride)
+            except KernelWatchError as err:  # inputs with NaN: no record, the rest is written
+                self._warn_once("first_layer", "no first-layer record (warned once): %s", err, when=True)
+            else:
+                stem = StemInput(snapshot.stem, tuple(conv.stride), patches, self._stem_previous)
+            self._stem_previous = snapshot.weights[snapshot.stem]
         written = write_snapshot(
-            writer, step, kernels, snapshot.weights, self._spectra, self._reference, self._detector, self.max_kernels
+            writer, step, kernels, snapshot.weights, self._spectra, self._reference, self._detector, self.max_kernels,
+            stem=stem,
         )
         if self._reference.changed:
             self._reference.save(self.log_dir)
@@ -542,6 +586,10 @@ class KernelWatch:
             "served); these layers are skipped",
             ", ".join(f"{name or '<root>'} ({k}x{k})" for name, k in written.no_spectrum.items()),
             when=bool(written.no_spectrum),
+        )
+        self._warn_once(
+            "first_layer", "no first-layer record (warned once): %s", written.first_layer_error,
+            when=written.first_layer_error is not None,
         )
         # One flush per snapshot: a process killed later keeps this snapshot readable.
         writer.flush()

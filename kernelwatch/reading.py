@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from tensorboard import errors as tb_errors
 from tensorboard.data import provider as tb_provider
 
@@ -75,6 +76,12 @@ MAX_ANOMALIES = 2000
 MAX_ANOMALY_BYTES = 600_000
 #: Bytes of the spectrum infos of one answer.
 MAX_SPECTRUM_BYTES = 600_000
+#: First-layer energy profiles per answer (snapshots evenly spread, the latest included), and
+#: points of each (principal components log-spaced: the profile is drawn on log-log axes).
+MAX_PROFILES = 6
+MAX_PROFILE_POINTS = 256
+#: Numbers in a first-layer timeline: its snapshots are thinned to fit.
+MAX_TIMELINE_NUMBERS = 50_000
 
 
 class NotFound(LookupError):
@@ -192,6 +199,7 @@ class Reader:
                 "lenses": index.lenses(),
                 "spectra": sorted(s for (kind, s, _) in index.tags if kind == fmt.SPECTRUM),
                 "has_anomalies": index.has(fmt.ANOMALIES),
+                "first_layer": index.layers([fmt.FIRST_LAYER]),
                 "max_step": index.max_step,
                 "updated": index.last_update,
                 "errors": _bounded(index.errors),
@@ -370,6 +378,81 @@ class Reader:
         datum = _at_step(self._blob_series(ctx, eid, index, tag), step, f"sprite of {layer!r}")
         return self._blob(ctx, run, tag, index.infos[tag], datum, "png")[0]
 
+    def first_layer(
+        self, ctx: Any, eid: str, run: str, layer: str | None = None, step: int | None = None
+    ) -> dict[str, Any]:
+        """The first-layer lens of a run's stem (``layer``, or the run's first): the report at
+        ``step`` (the latest if None) with every step that has one, the whitening score and
+        the reflections over all snapshots, and the energy profile against the whitening
+        prediction at up to :data:`MAX_PROFILES` snapshots."""
+        index = self.run_index(ctx, eid, run)
+        if layer is None:
+            layers = index.layers([fmt.FIRST_LAYER])
+            if not layers:
+                raise NotFound(f"run {run!r} has no first_layer records")
+            layer = layers[0]
+        tag = index.tag(fmt.FIRST_LAYER, layer)
+        series = self._blob_series(ctx, eid, index, tag)
+        datum = _at_step(series, step, f"first_layer record of {layer!r}")
+        report, _ = self._blob(ctx, run, tag, index.infos[tag], datum, "report")
+        key = ("first_layer", eid, run, tag, index.versions.get(tag))
+        timeline, profiles, errors = self._views.get_or_make(key, lambda: self._first_layer(ctx, index, tag, series))
+        shown = {name: value for name, value in report.items() if name not in _PROFILES}
+        return {
+            "run": run,
+            "layer": layer,
+            "step": datum.step,
+            "steps": [d.step for d in series],
+            "report": shown,
+            "timeline": timeline,
+            "profiles": profiles,
+            "sampled": self._at_limit(fmt.BLOB_SEQUENCE, len(series)),
+            "errors": _bounded(index.errors + errors),
+        }
+
+    def _first_layer(
+        self, ctx: Any, index: RunIndex, tag: str, series: list[tb_provider.BlobSequenceDatum]
+    ) -> tuple[tuple[dict[str, Any], list[dict[str, Any]], list[str]], int]:
+        """``((timeline, profiles, errors), cost)`` from every report of a first-layer series."""
+        info = index.infos[tag]
+
+        def read(datum: tb_provider.BlobSequenceDatum) -> dict[str, Any] | fmt.FormatError:
+            try:
+                return self._blob(ctx, index.run, tag, info, datum, "report")[0]
+            except fmt.FormatError as err:
+                return err
+
+        found = list(self._pool.map(read, series))
+        errors = [f"{tag} at step {d.step}: {r}" for d, r in zip(series, found) if isinstance(r, fmt.FormatError)]
+        reports = [(d.step, r) for d, r in zip(series, found) if not isinstance(r, fmt.FormatError)]
+        channels = max((r["in_channels"] for _, r in reports), default=1)
+        points = _thin(reports, max(2, MAX_TIMELINE_NUMBERS // (5 + channels)))
+        timeline = {
+            "steps": [step for step, _ in points],
+            "source": [r["source"] for _, r in points],
+            "whitening": [r["whitening"] for _, r in points],
+            "sharpness": [r["reflections"]["sharpness"] for _, r in points],
+            "noise": [r["reflections"]["noise"] for _, r in points],
+            "colour": [r["reflections"]["colour"] for _, r in points],
+        }
+        profiles = []
+        for step, r in _thin(reports, MAX_PROFILES):
+            components = _log_spaced(len(r["energy_profile"]), MAX_PROFILE_POINTS)
+            profiles.append(
+                {"step": step, "component": [i + 1 for i in components], "source": r["source"]}
+                | {name: [r[name][i] for i in components] for name in _PROFILES}
+            )
+        size = 16 * (len(points) * (5 + channels) + len(profiles) * 4 * MAX_PROFILE_POINTS)
+        return (timeline, profiles, errors), _JSON_COST * size
+
+    def first_layer_png(
+        self, ctx: Any, eid: str, run: str, layer: str, step: int | None
+    ) -> bytes:
+        index = self.run_index(ctx, eid, run)
+        tag = index.tag(fmt.FIRST_LAYER, layer)
+        datum = _at_step(self._blob_series(ctx, eid, index, tag), step, f"first_layer record of {layer!r}")
+        return self._blob(ctx, run, tag, index.infos[tag], datum, "png")[0]
+
     def spectrum(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
         """Every spectrum of the run (one per kernel size): its latest info JSON, as many as fit
         in :data:`MAX_SPECTRUM_BYTES`."""
@@ -430,8 +513,15 @@ class Reader:
             anomalies = {"anomalies": [], "errors": []}
             if index.has(fmt.ANOMALIES):
                 anomalies = self.anomalies(ctx, eid, run, bounded=False)
+            first_layer = None
+            for stem in index.layers([fmt.FIRST_LAYER]):
+                try:
+                    first_layer = self._latest_first_layer(ctx, eid, index, stem)
+                except fmt.FormatError as err:
+                    errors.append(f"{index.tag(fmt.FIRST_LAYER, stem)}: {err}")
             runs[run] = {
                 "layers": out,
+                "first_layer": first_layer,
                 "anomalies": [
                     {key: flag[key] for key in ("step", "layer", "kind", "severity", "message", "numbers")}
                     for flag in sorted(anomalies["anomalies"], key=lambda f: f["step"])
@@ -439,6 +529,16 @@ class Reader:
                 "errors": index.errors + errors + anomalies["errors"],
             }
         return {"format_version": fmt.FORMAT_VERSION, "runs": runs}
+
+    def _latest_first_layer(self, ctx: Any, eid: str, index: RunIndex, layer: str) -> dict[str, Any] | None:
+        """The summary's first-layer entry: the stem's latest whitening and reflections."""
+        tag = index.tag(fmt.FIRST_LAYER, layer)
+        series = self._blob_series(ctx, eid, index, tag)
+        if not series:
+            return None
+        report, _ = self._blob(ctx, index.run, tag, index.infos[tag], series[-1], "report")
+        keys = ("layer", "source", "n_patches", "whitening", "reflections")
+        return {"step": series[-1].step, **{key: report[key] for key in keys}}
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -669,6 +769,21 @@ def _unreadable_blob(run: str, tag: str, step: int, err: Exception) -> str:
             return (f"TensorBoard's data server cannot read the blobs of a {what} whose name holds {char!r} "
                     f"(a quote, backslash or control character): {fix}")
     return f"TensorBoard could not read a blob of {tag} at step {step}: {err}"
+
+
+_PROFILES = ("eigenvalues", "energy_profile", "whitening_prediction")
+
+
+def _log_spaced(n: int, limit: int) -> list[int]:
+    """At most ``limit`` of the indices ``0..n-1``, evenly spread on a log scale of ``i + 1``
+    (a log-log plot's x axis), the first and the last kept.
+
+    >>> _log_spaced(5, 10), _log_spaced(1000, 6)
+    ([0, 1, 2, 3, 4], [0, 3, 15, 62, 250, 999])
+    """
+    if n <= limit:
+        return list(range(n))
+    return sorted({int(round(x)) - 1 for x in np.geomspace(1, n, limit)})
 
 
 def _at_step(series: list[tb_provider.BlobSequenceDatum], step: int | None, what: str) -> tb_provider.BlobSequenceDatum:

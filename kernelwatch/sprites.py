@@ -240,6 +240,43 @@ def spectrum_strip(
     return encode_png(canvas), layout
 
 
+def filter_grid(weight: np.ndarray, max_filters: int = 64, columns: int = 8) -> tuple[bytes, dict[str, Any]]:
+    """A first layer's filters ``[out, in, kh, kw]`` as a grid of colour pictures, the first
+    ``max_filters`` in channel order: with 3 input channels each filter is an RGB image (its
+    channels as red, green and blue), otherwise grey (the mean over channels); each filter is
+    scaled by its own max |w|, mid-grey at 0. Returns the PNG and the grid's geometry.
+
+    >>> png, grid = filter_grid(np.random.default_rng(0).standard_normal((10, 3, 4, 4)))
+    >>> png[:8] == PNG_SIGNATURE, grid
+    (True, {'n_filters': 10, 'n_shown': 10, 'columns': 8, 'cell_size': 32})
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    if weight.ndim != 4 or weight.shape[0] == 0:
+        raise KernelWatchError(f"filter_grid needs a [out, in, kh, kw] conv weight, got shape {weight.shape}")
+    filters = weight[:max_filters]
+    if filters.shape[1] != 3:
+        filters = filters.mean(axis=1, keepdims=True).repeat(3, axis=1)
+    finite = np.isfinite(filters).all(axis=(1, 2, 3), keepdims=True)
+    filters = np.where(finite, filters, 0.0)
+    peak = np.abs(filters).max(axis=(1, 2, 3), keepdims=True, initial=0.0)
+    rgb = 127.5 + 127.5 * filters / np.where(peak > 0, peak, 1.0)
+    rgb = np.where(finite, rgb, _NONFINITE_RGB[0]).transpose(0, 2, 3, 1)  # [n, kh, kw, 3]
+    kh, kw = rgb.shape[1:3]
+    scale = max(1, 32 // max(kh, kw))
+    cells = _upscale(np.round(rgb).astype(np.uint8), scale)
+    n, gap = len(cells), 2
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    cell_h, cell_w = kh * scale, kw * scale
+    canvas = np.empty((rows * (cell_h + gap) + gap, columns * (cell_w + gap) + gap, 3), np.uint8)
+    canvas[:] = _BACKGROUND_RGB
+    for i, cell in enumerate(cells):
+        y, x = gap + (i // columns) * (cell_h + gap), gap + (i % columns) * (cell_w + gap)
+        canvas[y : y + cell_h, x : x + cell_w] = cell
+    grid = {"n_filters": int(weight.shape[0]), "n_shown": n, "columns": columns, "cell_size": max(cell_h, cell_w)}
+    return encode_png(canvas), grid
+
+
 def _rounded(value: float) -> float | None:
     return round(float(value), 4) if np.isfinite(value) else None
 

@@ -26,7 +26,8 @@ from kernelwatch.errors import KernelWatchError
 def summarise(log_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``{"runs": {RUN: {"layers": {LAYER: {"kernel_size", "n_kernels", "series": [{"step",
     "clustered_fraction", "median_dissimilarity", "null_clustered_fraction",
-    "null_median_dissimilarity", "update": {...} or None}]}}, "anomalies": [...], "errors": [...]}}}``
+    "null_median_dissimilarity", "update": {...} or None}]}}, "first_layer": {"layer", "step", "source",
+    "n_patches", "whitening", "reflections"} or None, "anomalies": [...], "errors": [...]}}}``
     for every run under ``log_dir``; layers in model order."""
     from tensorboard import context
     from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
@@ -75,6 +76,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"run {run}")
         for row in rows:
             lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        first = content.get("first_layer")
+        if first:
+            reflections = first["reflections"]
+            colour = ", ".join(_text(c, ".3f") for c in reflections["colour"])
+            lines.append(
+                f"  first layer {first['layer']} at step {first['step']}: whitening {_text(first['whitening'], '.3f')}, "
+                f"sharpness {_text(reflections['sharpness'], '.3f')}, noise {_text(reflections['noise'], '.3f')}, "
+                f"colour [{colour}] (patches: {first['source']}, {first['n_patches']})"
+            )
         lines += [f"  step {flag['step']} [{flag['severity']}] {flag['message']}" for flag in content["anomalies"]]
         lines += [f"  unreadable: {error}" for error in content["errors"]]
     return "\n".join(lines)

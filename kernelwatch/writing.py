@@ -36,7 +36,7 @@ from tensorboard.util import tensor_util
 from kernelwatch import format as fmt
 from kernelwatch._config import CLUSTERS
 from kernelwatch.errors import KernelWatchError
-from kernelwatch.sprites import kernel_sprite, spectrum_strip
+from kernelwatch.sprites import filter_grid, kernel_sprite, spectrum_strip
 
 if TYPE_CHECKING:
     from kernelwatch.analysis import LayerReport
@@ -158,6 +158,37 @@ class EventWriter:
         except (TypeError, ValueError) as err:
             raise KernelWatchError(f"cannot write anomalies: {err}") from err
         self._write(step, [self._blobs(fmt.ANOMALIES, None, [blob])])
+
+    def write_first_layer(
+        self, step: int, weight: Any, report: Mapping[str, Any], max_filters: int = 64
+    ) -> None:
+        """The first-layer lens of the model's stem at ``step``: its filters ``[out, in, kh,
+        kw]`` as a picture and its report (``FirstLayerReport.to_json()``, validated here as a
+        reader will), with the whitening score and the reflections also as stock scalars."""
+        png, grid = filter_grid(_numpy(weight), max_filters=max_filters)
+        blob = fmt.encode_json({**report, "grid": grid})
+        try:
+            checked = fmt.decode_blob(fmt.parse_metadata(fmt.summary_metadata(fmt.FIRST_LAYER, "")), "report", blob)
+        except fmt.FormatError as err:
+            raise KernelWatchError(f"cannot write the first-layer report: {err}") from err
+        layer, reflections = checked["layer"], checked["reflections"]
+        figures = {
+            "whitening": checked["whitening"],
+            "sharpness": reflections["sharpness"],
+            "noise": reflections["noise"],
+            **{f"colour.{c}": v for c, v in enumerate(reflections["colour"])},
+        }
+        self._write(
+            step,
+            [
+                self._blobs(fmt.FIRST_LAYER, layer, [png, blob]),
+                *(
+                    self._scalar(fmt.scalar_tag(fmt.FIRST_LAYER, layer, name), value)
+                    for name, value in figures.items()
+                    if value is not None
+                ),
+            ],
+        )
 
     def write_quality(
         self, step: int, layer: str, quality: Mapping[str, float], order: int | None = None

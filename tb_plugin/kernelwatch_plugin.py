@@ -39,7 +39,8 @@ Handler = Callable[[wrappers.Request], wrappers.Response]
 
 
 class KernelWatchPlugin(base_plugin.TBPlugin):
-    """Per-layer cluster timelines, heat map, sprites, anomalies and spectra of kernelwatch runs."""
+    """Per-layer cluster timelines, heat map, sprites, anomalies, spectra and the first-layer
+    lens of kernelwatch runs."""
 
     plugin_name = fmt.PLUGIN_NAME
 
@@ -62,6 +63,9 @@ class KernelWatchPlugin(base_plugin.TBPlugin):
                 ctx, eid, _arg(r, "run"), _arg(r, "layer"), _step(r), _lens(r)
             ),
             "/spectrum": lambda r, ctx, eid: self._reader.spectrum(ctx, eid, _arg(r, "run")),
+            "/first_layer": lambda r, ctx, eid: self._reader.first_layer(
+                ctx, eid, _arg(r, "run"), r.args.get("layer"), _step(r)
+            ),
         }
         png_routes = {
             "/sprite.png": lambda r, ctx, eid: self._reader.sprite_png(
@@ -69,6 +73,9 @@ class KernelWatchPlugin(base_plugin.TBPlugin):
             ),
             "/spectrum.png": lambda r, ctx, eid: self._reader.spectrum_png(
                 ctx, eid, _arg(r, "run"), _int(r, "kernel_size")
+            ),
+            "/first_layer.png": lambda r, ctx, eid: self._reader.first_layer_png(
+                ctx, eid, _arg(r, "run"), _arg(r, "layer"), _step(r)
             ),
         }
         apps: dict[str, Handler] = {path: self._json_app(view) for path, view in json_routes.items()}

@@ -267,7 +267,9 @@ def test_unusual_but_valid_checkpoints_are_analysed(run, tmp_path: Path, make, l
     out = analyze(run, make(tmp_path))
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
-    rows = {line.split()[0]: line.split()[1:4] for line in out.stdout.splitlines()[2:-2]}
+    lines = out.stdout.splitlines()
+    body = lines[2 : lines.index(lines[1], 2)]  # between the rules; the stem's line follows the total
+    rows = {line.split()[0]: line.split()[1:4] for line in body}
     assert rows == {name: ["5", "16", "0"] for name in layers}  # k, kernels, invalid
 
 

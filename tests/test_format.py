@@ -26,7 +26,7 @@ def test_constants():
     assert issubclass(fmt.FormatError, KernelWatchError)
     assert set(fmt.KINDS) == {
         "proportions", "clustered_fraction", "total_activation", "code_histogram",
-        "sprite", "spectrum", "anomalies", "quality",
+        "sprite", "spectrum", "anomalies", "quality", "first_layer",
     }  # fmt: skip
 
 
@@ -73,7 +73,7 @@ def test_metadata_round_trips_with_data_class(kind):
     kwargs = {"kernel_size": 5} if kind == fmt.SPECTRUM else {} if kind == fmt.ANOMALIES else {"layer": "a/b.c"}
     meta = fmt.summary_metadata(kind, **kwargs)
     assert meta.plugin_data.plugin_name == "kernelwatch"
-    blob = kind in (fmt.SPRITE, fmt.SPECTRUM, fmt.ANOMALIES)
+    blob = kind in (fmt.SPRITE, fmt.SPECTRUM, fmt.ANOMALIES, fmt.FIRST_LAYER)
     assert meta.data_class == (summary_pb2.DATA_CLASS_BLOB_SEQUENCE if blob else summary_pb2.DATA_CLASS_TENSOR)
     # Through the wire format, as TensorBoard's loaders see it.
     info = fmt.parse_metadata(summary_pb2.SummaryMetadata.FromString(meta.SerializeToString()))

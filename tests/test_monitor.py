@@ -528,7 +528,7 @@ def test_a_full_disk_stops_the_watch_not_the_training(tmp_path):
     """A full disk on the worker: one ERROR logged, the training goes on, the watch stops, and
     every snapshot written before stays readable. With strict=True: raised once, at the next call."""
     log_dirs = [tmp_path / "default", tmp_path / "strict"]
-    limit = "60000"  # bytes: 2 to 3 snapshots
+    limit = "70000"  # bytes: 2 to 3 snapshots
     done = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, limit, *map(str, log_dirs)], capture_output=True,
                           text=True, env=ENV, timeout=180)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -735,7 +735,7 @@ fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
 watch = KernelWatch(sys.argv[1], every=1, handle_sigterm=False)
 if rank == 0:  # only the writer's disk fills
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (60000, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (70000, resource.RLIM_INFINITY))
 for epoch in range(5):
     if epoch:
         train_epoch(model, epoch)

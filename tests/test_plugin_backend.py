@@ -185,7 +185,7 @@ def test_layers_and_timeline(client):
     assert fmt.SPRITE in layers[0]["kinds"]
     # The regular stem conv has quality metrics only: listed here, not among the classified layers.
     train = {entry["layer"]: entry["kinds"] for entry in get_json(client, "layers?run=train")["layers"]}
-    assert train["0"] == [fmt.QUALITY] and fmt.PROPORTIONS in train["1"]
+    assert train["0"] == [fmt.FIRST_LAYER, fmt.QUALITY] and fmt.PROPORTIONS in train["1"]
     body = get_json(client, f"timeline?run=alpha&layer={q('odd/name')}")
     assert body["proportions"]["steps"] == list(STEPS)
     series = body["proportions"]["series"]

@@ -524,3 +524,35 @@ def test_dashboard_follows_new_snapshots_live(browser, tmp_path):
         writer.close()
         if server is not None:
             server.close()
+
+
+def test_first_layer_panel_shows_the_stem_of_a_kernelwatch_run(browser, tensorboard):
+    """The ``train`` run was written by a real KernelWatch training: the panel shows its stem's
+    filters per snapshot, the energy profiles against the whitening prediction, the reflections."""
+    tensorboard.wait_for("first_layer?run=train", lambda b: len(b["steps"]) == 5)
+    page, frame, errors = open_tab(browser, tensorboard.url, height=2600)
+    frame.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    frame.select_option("select[title='Run']", "train")
+    card = "#kw-first-layer"
+    frame.wait_for_selector(f"{card} img.kw-filter-grid[data-loaded='1'][data-step='4']", timeout=15_000)
+    assert frame.eval_on_selector(f"{card} img.kw-filter-grid", "img => img.complete && img.naturalWidth") > 100
+    assert "First layer — 0" in frame.locator(f"{card} h2").inner_text()
+    frame.wait_for_selector(f"{card} .kw-profile[data-painted='1'][data-profiles='5']")
+    assert int(frame.get_attribute(f"{card} .kw-profile", "data-points")) > 5 * 2 * 20  # 27 components each
+    frame.wait_for_selector(f"{card} .kw-reflections[data-points='5']")
+    series = frame.get_attribute(f"{card} .kw-reflections", "data-series").split("|")
+    assert series == ["whitening", "sharpness", "noise", "colour R", "colour G", "colour B"]
+    blank = "cs => cs.every(c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;" \
+            " for (let i = 3; i < d.length; i += 4) if (d[i]) return false; return true; })"  # fmt: skip
+    assert not frame.eval_on_selector_all(f"{card} .kw-profile canvas", blank)
+    assert not frame.eval_on_selector_all(f"{card} .kw-reflections canvas", blank)
+    text = frame.locator(f"{card} .kw-first-figures").inner_text()
+    assert "32 of 32 filters" in text and "sampled input patches" in text and "Whitening" in text
+    # The slider goes back to the first snapshot, measured against the prior (no input seen yet).
+    frame.eval_on_selector(f"{card} input.kw-slider",
+                           "s => { s.value = '0'; s.dispatchEvent(new Event('input')); }")  # fmt: skip
+    frame.wait_for_selector(f"{card} img.kw-filter-grid[data-step='0']", timeout=15_000)
+    assert "natural-image prior" in frame.locator(f"{card} .kw-first-figures").inner_text()
+    frame.locator(card).scroll_into_view_if_needed()
+    screenshot(page, "kernelwatch-first-layer.png")
+    assert not errors, errors

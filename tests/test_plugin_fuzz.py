@@ -434,7 +434,10 @@ def test_what_the_reader_keeps_follows_new_records(tmp_path, monkeypatch):
         "timeline": lambda: reader.timeline(ctx, "", "run1", "dw")["clustered_fraction"]["steps"],
     }
     assert all(view() == [0] for view in views.values())
-    time.sleep(0.01)  # a later wall time for the next file's events
+    # A later second in the next file's name: TensorBoard reads a directory's files in name order
+    # and skips a new one that sorts before the current one, as a file counter going from 9 to 10
+    # within one second would (it depends on how many event files this process wrote before).
+    time.sleep(1.0)
     write_run(tmp_path / "run1", snapshot(1))
     multiplexer.Reload()
     monkeypatch.setattr(reading, "INDEX_TTL", 0.0)

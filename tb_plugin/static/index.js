@@ -70,6 +70,7 @@ const MEASURES = {
 const state = {
   meta: null, run: null, layer: null, compare: "", lens: "weights", measure: "clustered_fraction",
   step: null, // the sprite's snapshot; null follows the latest
+  firstStep: null, // the first-layer card's snapshot; null follows the latest
   cluster: "",
 };
 
@@ -644,6 +645,187 @@ function drawSpectra(node, run, data) {
   }
 }
 
+/** 7. The stem's first-layer lens: its filters at a snapshot (slider), the energy profile
+ * against the whitening prediction at a few snapshots (log-log), the reflections over time. */
+const FIRST_LAYER_NOTE = "Energy profile: the share of the stem filters' energy along each principal component of " +
+  "the input patches (largest variance first). A whitening filter bank puts its energy where the patches vary " +
+  "least (dashed: the whitening prediction); random filters are flat. Whitening score: 0 flat, 1 the prediction.";
+const CHANNEL_COLOURS = ["#e15759", "#59a14f", "#4e79a7"];
+const firstLayers = new WeakMap();
+
+function firstLayerParts(node) {
+  let parts = firstLayers.get(node);
+  if (parts) return parts;
+  const slider = el("input", { type: "range", min: 0, max: 0, value: 0, className: "kw-slider", title: "First-layer snapshot" });
+  const stepLabel = el("span", { className: "kw-step" });
+  const image = el("img", { className: "kw-sprite kw-filter-grid" });
+  const figures = el("p", { className: "kw-caption kw-first-figures" });
+  const profile = el("div", { className: "kw-chart kw-profile" });
+  profile.style.height = "300px";
+  const reflections = el("div", { className: "kw-chart kw-reflections" });
+  reflections.style.height = "330px";
+  parts = { slider, stepLabel, image, figures, profile, reflections, notes: el("div"), steps: [], dragging: false, key: null };
+  parts.root = el("div", { className: "kw-first-layer-view" }, parts.notes,
+    el("div", { className: "kw-controls" }, slider, stepLabel), figures,
+    el("div", { className: "kw-first-row" }, el("div", {}, image), profile), reflections,
+    el("p", { className: "kw-caption" }, FIRST_LAYER_NOTE, " Reflections: what the filters say of the data " +
+      "(higher sharpness for sharper images, higher noise for noisier ones, a higher colour value for a stronger channel)."));
+  let timer = null;
+  slider.addEventListener("pointerdown", () => { parts.dragging = true; });
+  const release = () => { parts.dragging = false; };
+  slider.addEventListener("pointerup", release);
+  slider.addEventListener("change", release);
+  slider.addEventListener("input", () => {
+    const i = Number(slider.value);
+    stepLabel.textContent = stepText(parts.steps, i);
+    clearTimeout(timer);
+    timer = setTimeout(() => {
+      state.firstStep = i === parts.steps.length - 1 ? null : parts.steps[i];
+      drawFirstLayer(node);
+    }, 150);
+  });
+  firstLayers.set(node, parts);
+  return parts;
+}
+
+/** A colour from light to dark blue for the i-th of n snapshots (the latest darkest). */
+const stepColour = (i, n) => BLUES[Math.min(BLUES.length - 1, 1 + Math.round((i / Math.max(n - 1, 1)) * (BLUES.length - 2)))];
+
+async function drawFirstLayer(node) {
+  const current = ticket("first_layer");
+  const run = state.run;
+  const layer = runOf(run)?.first_layer?.[0] ?? null;
+  page.firstLayer.node.hidden = layer === null;
+  if (layer === null) {
+    show(node);
+    return;
+  }
+  page.firstLayer.heading.replaceChildren("First layer — ", nameNode(layer));
+  const parts = firstLayerParts(node);
+  let data = null;
+  let failure = null;
+  try {
+    data = await getJSON("first_layer", { run, layer, step: state.firstStep });
+  } catch (error) {
+    failure = error;
+    if (state.firstStep !== null) data = await getJSON("first_layer", { run, layer }).catch(() => null);
+  }
+  if (!current()) return;
+  if (!data) {
+    parts.key = null;
+    show(node, message(`No first-layer record: ${shown(failure.message)}`, "info"));
+    return;
+  }
+  const { steps, report } = data;
+  const index = steps.indexOf(data.step);
+  if (index === steps.length - 1) state.firstStep = null;
+  const key = JSON.stringify([run, layer, data.step, steps, data.timeline.steps]);
+  if (key === parts.key && parts.root.isConnected) return;
+  const url = new URL("first_layer.png", BASE);
+  for (const [k, v] of Object.entries({ run, layer, step: data.step })) url.searchParams.set(k, v);
+  const preload = new Image();
+  preload.src = url.href;
+  try {
+    await preload.decode();
+  } catch {
+    if (current()) {
+      parts.key = null;
+      show(node, message("The filter picture could not be loaded."));
+    }
+    return;
+  }
+  if (!current()) return;
+  parts.key = key;
+  parts.steps = steps;
+  const { slider, stepLabel, image, figures } = parts;
+  slider.max = String(steps.length - 1);
+  slider.disabled = steps.length < 2;
+  if (!parts.dragging) {
+    slider.value = String(index);
+    stepLabel.textContent = stepText(steps, index);
+  }
+  Object.assign(image, { alt: `filters of ${shown(layer)} at step ${data.step}`, src: url.href });
+  image.width = preload.naturalWidth * 2;
+  image.height = preload.naturalHeight * 2;
+  Object.assign(image.dataset, { loaded: "1", step: String(data.step) });
+  const r = report.reflections;
+  const grid = report.grid ? `${report.grid.n_shown} of ${report.grid.n_filters} filters` : "filters";
+  const colourText = r.colour.map((c, i) => `${report.in_channels === 3 ? "RGB"[i] : `channel ${i}`} ${num(c)}`).join(", ");
+  figures.textContent = `Step ${data.step}: ${grid} (${report.kernel_size.join("×")}, ${report.in_channels} channels; ` +
+    `${report.in_channels === 3 ? "as RGB" : "channel mean, grey"}, each scaled to its own max |w|, grey 0). ` +
+    `Whitening ${num(report.whitening)} against ${report.source === "data" ? `${report.n_patches} sampled input patches` : "the natural-image prior"}; ` +
+    `sharpness ${num(r.sharpness)}, noise ${num(r.noise)}, colour ${colourText}.`;
+  parts.notes.replaceChildren(...[errorList(data.errors),
+    data.sampled ? message(`Only ${steps.length} first-layer records kept: TensorBoard sampled this series. Restart with ${state.meta.sampling.flag}.`, "warning") : null,
+  ].filter(Boolean));
+  if (!parts.root.isConnected || node.firstChild !== parts.root) show(node, parts.root);
+  drawProfiles(parts.profile, data.profiles);
+  drawReflections(parts.reflections, data.timeline, report.in_channels);
+}
+
+const positive = (xs, values) => xs.map((x, i) => [x, values[i]]).filter(([, v]) => v !== null && v > 0);
+
+function drawProfiles(box, profiles) {
+  const n = profiles.length;
+  const series = profiles.flatMap((p, i) => [
+    { name: `step ${p.step}`, type: "line", symbol: "none", lineStyle: { width: 2, color: stepColour(i, n) }, color: stepColour(i, n),
+      data: positive(p.component, p.energy_profile) },
+    { name: `whitening prediction, step ${p.step}`, type: "line", symbol: "none", z: 1,
+      lineStyle: { width: 1.2, type: "dashed", color: i === n - 1 ? "#212121" : "#9e9e9e" }, color: i === n - 1 ? "#212121" : "#9e9e9e",
+      data: positive(p.component, p.whitening_prediction) },
+  ]);
+  const c = chartOf(box);
+  delete box.dataset.painted;
+  c.off("finished");
+  c.on("finished", () => { box.dataset.painted = "1"; });
+  c.setOption({
+    animation: false,
+    title: { text: "energy profile (log-log), coloured by step", left: "center", textStyle: { fontSize: 12, fontWeight: "normal" } },
+    tooltip: { trigger: "axis", renderMode: "richText",
+      formatter: (items) => [`component ${items[0].value[0]}`, ...items.map((p) => `${p.seriesName}: ${Number(p.value[1]).toExponential(2)}`)].join("\n") },
+    legend: { bottom: 0, type: "scroll", textStyle: { fontSize: 10 }, data: series.filter((s, i) => i % 2 === 0 || i === series.length - 1).map((s) => s.name) },
+    grid: { left: 64, right: 16, top: 30, bottom: 56 },
+    xAxis: { type: "log", name: "principal component", nameLocation: "middle", nameGap: 24, minorSplitLine: { show: false } },
+    yAxis: { type: "log", name: "energy share", nameLocation: "middle", nameGap: 48, axisLabel: { formatter: (v) => Number(v).toExponential(0) } },
+    series,
+  }, true);
+  Object.assign(box.dataset, { profiles: String(n), points: String(series.reduce((sum, s) => sum + s.data.length, 0)) });
+}
+
+function drawReflections(box, timeline, channels) {
+  const pairs = (values) => timeline.steps.map((step, i) => [step, values[i]]);
+  const colour = (c) => timeline.colour.map((values) => values[c] ?? null);
+  const series = [
+    { name: "whitening", type: "line", symbol: "circle", symbolSize: 4, xAxisIndex: 0, yAxisIndex: 0, color: "#6a3d9a", data: pairs(timeline.whitening) },
+    { name: "sharpness", type: "line", symbol: "circle", symbolSize: 4, xAxisIndex: 1, yAxisIndex: 1, color: "#212121", data: pairs(timeline.sharpness) },
+    { name: "noise", type: "line", symbol: "circle", symbolSize: 4, xAxisIndex: 1, yAxisIndex: 1, color: "#f28e2b", data: pairs(timeline.noise) },
+    ...Array.from({ length: channels }, (_, c) => ({
+      name: channels === 3 ? `colour ${"RGB"[c]}` : `colour ${c}`, type: "line", symbol: "none", xAxisIndex: 2, yAxisIndex: 2,
+      lineStyle: { type: "dashed" }, color: channels === 3 ? CHANNEL_COLOURS[c] : GREY, data: pairs(colour(c)),
+    })),
+  ];
+  const steps = timeline.steps;
+  const first = steps.length ? Math.min(...steps) : 0;
+  const last = steps.length ? Math.max(...steps) : 1;
+  const grids = [{ left: 62, right: 24, top: 12, height: 70 }, { left: 62, right: 24, top: 110, height: 80 }, { left: 62, right: 24, top: 218, height: 60 }];
+  const c = chartOf(box);
+  c.setOption({
+    animation: false,
+    axisPointer: { link: [{ xAxisIndex: "all" }] },
+    tooltip: { trigger: "axis", renderMode: "richText",
+      formatter: (items) => [`step ${items[0].value[0]}`, ...items.map((p) => `${p.seriesName}: ${fixed(p.value[1])}`)].join("\n") },
+    legend: { bottom: 0, itemWidth: 14, textStyle: { fontSize: 11 } },
+    grid: grids,
+    xAxis: grids.map((_, i) => ({ type: "value", gridIndex: i, min: first, max: last > first ? last : first + 1, minInterval: 1,
+      axisLabel: { show: i === grids.length - 1, formatter: integerTick, hideOverlap: true } })),
+    yAxis: [["whitening", null], ["sharpness, noise", null], ["colour", null]].map(([name], i) => ({
+      type: "value", gridIndex: i, scale: true, splitNumber: 2, name, nameLocation: "middle", nameGap: 42, nameTextStyle: { fontSize: 11 },
+      axisLabel: { formatter: (v) => num(v, 2) } })),
+    series,
+  }, true);
+  Object.assign(box.dataset, { points: String(steps.length), series: series.map((s) => s.name).join("|") });
+}
+
 // -- page -------------------------------------------------------------------------------------
 
 const page = {};
@@ -673,6 +855,7 @@ function drawHeader() {
       state.run = v;
       state.layer = null;
       state.step = null;
+      state.firstStep = null;
       saveSelection();
       refresh();
     }, "Run"),
@@ -874,6 +1057,7 @@ async function refresh({ live = false } = {}) {
     drawLayerViews(),
     drawAnomalyList(),
     !live || page.spectrumKey !== spectrumKey ? drawSpectrumCard() : null,
+    guarded(page.firstLayer.body, () => true, () => drawFirstLayer(page.firstLayer.body)),
     drawCompare(),
   ]);
   await (live ? keepingView(work) : work());
@@ -941,6 +1125,7 @@ async function pollOnce() {
     state.run = defaultRun();
     state.layer = null;
     state.step = null;
+    state.firstStep = null;
     if (!state.run) {
       showEmpty();
       return;
@@ -1061,12 +1246,15 @@ export async function render() {
   page.sprite = card("kw-sprite", "Kernels");
   page.anomalies = card("kw-anomalies", "Anomalies");
   page.spectrum = card("kw-spectrum", "Spectrum");
+  page.firstLayer = card("kw-first-layer", "First layer");
+  page.firstLayer.node.hidden = true;
   page.compare = card("kw-compare", "Side by side");
   page.compare.node.hidden = true;
   page.main = el("main", { className: "kw-grid" }, page.heatmap.node,
     el("div", { className: "kw-pair" }, page.timeline.node, page.sprite.node),
     page.compare.node,
-    el("div", { className: "kw-pair" }, page.anomalies.node, page.spectrum.node));
+    el("div", { className: "kw-pair" }, page.anomalies.node, page.spectrum.node),
+    page.firstLayer.node);
   page.main.hidden = true;
   page.header.append(el("h1", {}, "KernelWatch"), page.live);
   document.body.replaceChildren(page.header, page.sampling, page.notes, page.empty, page.main);
