@@ -199,8 +199,8 @@ def patch_pca(patches: np.ndarray) -> PatchPCA:
         raise KernelWatchError(f"patches must be [N, D] with N >= 2, got shape {list(x.shape)}")
     if not np.isfinite(x).all():
         raise KernelWatchError("the patches hold NaN or Inf values")
-    x = x - x.mean(0)
-    return _pca(x.T @ x / (len(x) - 1), len(x), "data")
+    centred = torch.from_numpy(x - x.mean(0))
+    return _pca((centred.T @ centred / (len(x) - 1)).numpy(), len(x), "data")
 
 
 @functools.lru_cache(maxsize=32)
@@ -227,7 +227,9 @@ def prior_pca(in_channels: int, kernel_size: tuple[int, int]) -> PatchPCA:
 
 
 def _pca(covariance: np.ndarray, n: int, source: str) -> PatchPCA:
-    values, vectors = np.linalg.eigh(covariance)
+    # Linear algebra here is torch's, not numpy's: numpy's OpenBLAS threads spin on after each
+    # call (35 ms of CPU per snapshot on the monitor's worker); torch's obey set_num_threads.
+    values, vectors = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(covariance)))
     values = np.clip(values[::-1], 0.0, None)  # rounding can make the smallest slightly negative
     vectors = np.ascontiguousarray(vectors[:, ::-1])
     for array in (values, vectors):  # shared by cached priors and by every report made from them
@@ -265,7 +267,7 @@ def first_layer_report(
         raise KernelWatchError(
             f"patches of {len(pca.eigenvalues)} values do not fit a {in_channels}x{kh}x{kw} stem ({dim} values)"
         )
-    energy = ((w.reshape(out_channels, dim) @ pca.eigenvectors) ** 2).sum(0)
+    energy = ((torch.from_numpy(w.reshape(out_channels, dim)) @ torch.tensor(pca.eigenvectors)) ** 2).sum(0).numpy()
     energy = energy / energy.sum()
     prediction = whitening_prediction(pca.eigenvalues)
     return FirstLayerReport(
