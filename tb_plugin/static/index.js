@@ -160,6 +160,19 @@ function show(node, ...children) {
   for (const box of before) if (!box.isConnected) echarts.getInstanceByDom(box)?.dispose();
 }
 
+/** The picture at ``url``, decoded, or null if it does not load: a card swaps in only loaded
+ * pictures, so it never shows a blank frame. */
+async function loaded(url) {
+  const picture = new Image();
+  picture.src = url.href;
+  try {
+    await picture.decode();
+    return picture;
+  } catch {
+    return null;
+  }
+}
+
 function family(label) {
   const name = String(label).split("/")[0];
   return name in state.meta.colours ? name : "other";
@@ -514,12 +527,7 @@ async function drawSprite(node) {
   const scale = layout.cell_size < 32 ? 2 : 1.25;
   const url = new URL("sprite.png", BASE);
   for (const [k, v] of Object.entries({ run, layer, step: data.step, lens })) url.searchParams.set(k, v);
-  // Load the picture before swapping it in, so the card never shows a blank frame.
-  const preload = new Image();
-  preload.src = url.href;
-  try {
-    await preload.decode();
-  } catch {
+  if (!(await loaded(url))) {
     if (current()) {
       parts.key = null;
       show(node, message("The sprite image could not be loaded."));
@@ -723,11 +731,8 @@ async function drawFirstLayer(node) {
   if (key === parts.key && parts.root.isConnected) return;
   const url = new URL("first_layer.png", BASE);
   for (const [k, v] of Object.entries({ run, layer, step: data.step })) url.searchParams.set(k, v);
-  const preload = new Image();
-  preload.src = url.href;
-  try {
-    await preload.decode();
-  } catch {
+  const preload = await loaded(url);
+  if (!preload) {
     if (current()) {
       parts.key = null;
       show(node, message("The filter picture could not be loaded."));
