@@ -466,7 +466,6 @@ function spriteParts(node) {
     el("div", { className: "kw-controls" }, slider, stepLabel, filter), caption,
     el("div", { className: "kw-sprite-row" }, el("div", {}, frame, hover), legend));
   parts.root = root;
-  let timer = null;
   const applyFilter = () => {
     for (const [box, cell] of parts.cells) box.classList.toggle("kw-dim", !!state.cluster && family(cell.label) !== state.cluster);
   };
@@ -476,6 +475,20 @@ function spriteParts(node) {
     saveSelection();
     applyFilter();
   });
+  followSlider(slider, stepLabel, parts, (step) => {
+    state.step = step;
+    saveSelection();
+    drawSprite(node);
+  });
+  sprites.set(node, parts);
+  return parts;
+}
+
+/** Wire a card's step slider: the label follows the thumb, ``parts.dragging`` holds while it is
+ * held, and ``choose`` gets the step (null for the latest, which then follows new snapshots)
+ * once the thumb rests for 150 ms. */
+function followSlider(slider, stepLabel, parts, choose) {
+  let timer = null;
   slider.addEventListener("pointerdown", () => { parts.dragging = true; });
   const release = () => { parts.dragging = false; };
   slider.addEventListener("pointerup", release);
@@ -484,14 +497,8 @@ function spriteParts(node) {
     const i = Number(slider.value);
     stepLabel.textContent = stepText(parts.steps, i);
     clearTimeout(timer);
-    timer = setTimeout(() => {
-      state.step = i === parts.steps.length - 1 ? null : parts.steps[i];
-      saveSelection();
-      drawSprite(node);
-    }, 150);
+    timer = setTimeout(() => choose(i === parts.steps.length - 1 ? null : parts.steps[i]), 150);
   });
-  sprites.set(node, parts);
-  return parts;
 }
 
 const stepText = (steps, i) => `step ${steps[i]} (${i + 1} of ${steps.length}${i === steps.length - 1 ? ", latest" : ""})`;
@@ -678,19 +685,9 @@ function firstLayerParts(node) {
     el("div", { className: "kw-first-row" }, el("div", {}, image), profile), reflections,
     el("p", { className: "kw-caption" }, FIRST_LAYER_NOTE, " Reflections: what the filters say of the data " +
       "(higher sharpness for sharper images, higher noise for noisier ones, a higher colour value for a stronger channel)."));
-  let timer = null;
-  slider.addEventListener("pointerdown", () => { parts.dragging = true; });
-  const release = () => { parts.dragging = false; };
-  slider.addEventListener("pointerup", release);
-  slider.addEventListener("change", release);
-  slider.addEventListener("input", () => {
-    const i = Number(slider.value);
-    stepLabel.textContent = stepText(parts.steps, i);
-    clearTimeout(timer);
-    timer = setTimeout(() => {
-      state.firstStep = i === parts.steps.length - 1 ? null : parts.steps[i];
-      drawFirstLayer(node);
-    }, 150);
+  followSlider(slider, stepLabel, parts, (step) => {
+    state.firstStep = step;
+    drawFirstLayer(node);
   });
   firstLayers.set(node, parts);
   return parts;
