@@ -43,7 +43,7 @@ from kernelwatch import KernelWatch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_overhead import synthetic_batches  # noqa: E402
+from bench_overhead import fit, synthetic_batches  # noqa: E402
 from bench_worker import training_step_cpu  # noqa: E402
 
 
@@ -105,14 +105,7 @@ def train(batches: list, epochs: int, arm: str, log_dir: str) -> float:
             for name, parameter in model.named_parameters():
                 writer.add_histogram(name, parameter, epoch)
 
-    epoch_end(0)
-    for epoch in range(1, epochs + 1):
-        for images, labels in batches:
-            loss = nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        epoch_end(epoch)
+    fit(model, optimizer, batches, epochs, epoch_end)
     if watch is not None:
         watch.close()
     elif arm == "histograms":

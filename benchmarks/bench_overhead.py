@@ -25,6 +25,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import timm
 import torch
@@ -45,6 +46,24 @@ def synthetic_batches(steps: int, batch: int, size: int, seed: int = 0) -> list[
     return list(zip(images, labels))
 
 
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    epochs: int,
+    epoch_end: Callable[[int], None],
+) -> None:
+    """Train for ``epochs`` over ``batches``, calling ``epoch_end`` before the first and after each."""
+    epoch_end(0)
+    for epoch in range(1, epochs + 1):
+        for images, labels in batches:
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        epoch_end(epoch)
+
+
 def train(
     batches: list[tuple[torch.Tensor, torch.Tensor]], epochs: int, watch: KernelWatch | None
 ) -> tuple[float, float, float, list[float]]:
@@ -62,14 +81,7 @@ def train(
             watch.on_epoch_end(model, epoch)
             blocking.append(time.perf_counter() - begin)
 
-    epoch_end(0)
-    for epoch in range(1, epochs + 1):
-        for images, labels in batches:
-            loss = nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        epoch_end(epoch)
+    fit(model, optimizer, batches, epochs, epoch_end)
     wall = time.perf_counter() - start
     closing = 0.0
     if watch is not None:
