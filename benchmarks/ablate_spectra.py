@@ -48,7 +48,7 @@ def variants(k: int) -> dict[str, kw.Spectrum]:
 
     def per_family(spec: kw.Spectrum) -> kw.Spectrum:
         thresholds, _ = calibrate_family_thresholds(spec, real, 1)
-        return dataclasses.replace(spec, family_thresholds=thresholds)
+        return dataclasses.replace(spec, family_thresholds=thresholds, code_thresholds=None)
 
     out = {"paper's method": paper}
     if paper.method == "kmeans":  # 10 centroids: nothing to pool votes over
@@ -60,6 +60,17 @@ def variants(k: int) -> dict[str, kw.Spectrum]:
         out["shipped recipe, paper labels+threshold"] = dataclasses.replace(
             relabel(shipped, vote=False), threshold=kw.PAPER_THRESHOLDS[k]
         )
+    if "curves" in shipped.config:  # several curves with a threshold per run of codes (3x3)
+        first = shipped.config["curves"][0]
+        one = dataclasses.replace(
+            shipped,
+            codes=np.linspace(0.0, 1.0, first, dtype=np.float32),
+            prototypes=shipped.prototypes[:first],
+            labels=shipped.labels[:first],
+            code_thresholds=None,
+        )
+        out["first curve alone, per-family thresholds"] = per_family(one)
+        out[f"{len(shipped.config['curves'])} curves, per-family thresholds"] = per_family(shipped)
     out["shipped"] = shipped
     return out
 
@@ -90,7 +101,7 @@ def main() -> None:
             clustered, null, noise, top = held_out(spec, k)
             shares = family_shares(spec, "independent", k, args.n) if k > 3 else {}
             fams = " ".join(f"{f.replace('-derivative', '-d')[:9]} {v[0]:.2f}" for f, v in shares.items() if f[0] != "(")
-            print(f"  {name:<40} {clustered:>11.1%} {null:>8.1%} {noise:>6.1%} {top:>12} | {fams}")
+            print(f"  {name:<40} {clustered:>11.1%} {null:>8.1%} {noise:>6.2%} {top:>12} | {fams}")
 
 
 if __name__ == "__main__":

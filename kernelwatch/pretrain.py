@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -220,16 +221,18 @@ def calibrate_threshold(spectrum: Spectrum, real: np.ndarray, seed: int) -> tupl
     return threshold, stats
 
 
-def _null_sets(real: np.ndarray, seed: int) -> dict[str, tuple[np.ndarray, float]]:
+def _null_sets(
+    real: np.ndarray, seed: int, repeats: int = _NULL_REPEATS, margin: float = _NULL_MARGIN
+) -> dict[str, tuple[np.ndarray, float]]:
     """The two null models with the largest share of each a threshold may call clustered,
     with the safety margin: spatially shuffled real kernels and i.i.d. Gaussian kernels."""
     rng = np.random.default_rng(seed)
     # Several shuffles of each kernel: with a threshold per family to fit, one draw's luck
     # would otherwise carry into the thresholds.
-    many = np.concatenate([real] * _NULL_REPEATS)
+    many = np.concatenate([real] * repeats)
     return {
-        "shuffled": (shuffled(many, seed), NULL_FALSE_POSITIVE_RATE * _NULL_MARGIN),
-        "gaussian": (rng.standard_normal(many.shape).astype(np.float32), NOISE_FALSE_POSITIVE_RATE * _NULL_MARGIN),
+        "shuffled": (shuffled(many, seed), NULL_FALSE_POSITIVE_RATE * margin),
+        "gaussian": (rng.standard_normal(many.shape).astype(np.float32), NOISE_FALSE_POSITIVE_RATE * margin),
     }
 
 
@@ -244,17 +247,43 @@ def calibrate_family_thresholds(
     kernels clustered under the two null bounds of :func:`_null_sets`, by a Lagrange multiplier
     found by bisection. Returns the thresholds and the null figures behind them.
     """
-    sets = {"real": (real, 1.0), **_null_sets(real, seed)}
-    names = np.array(sorted({str(label).split("/")[0] for label in spectrum.labels}))
-    family_index = np.searchsorted(names, [str(label).split("/")[0] for label in spectrum.labels])
+    names, family_index = np.unique([str(label).split("/")[0] for label in spectrum.labels], return_inverse=True)
+    thresholds, stats = calibrate_group_thresholds(spectrum, family_index, real, seed)
+    return {str(name): float(t) for name, t in zip(names, thresholds)}, stats
+
+
+def calibrate_run_thresholds(
+    spectrum: Spectrum, run: int, real: np.ndarray, seed: int, repeats: int, margin: float
+) -> tuple[np.ndarray, dict[str, float]]:
+    """One threshold per code, shared by each run of ``run`` neighbouring codes, calibrated
+    like :func:`calibrate_family_thresholds` (``repeats`` shuffles and Gaussian draws per real
+    kernel, null bounds times ``margin``): a finer map of where real kernels outnumber the
+    nulls than families give. Returns the per-code thresholds and the null figures."""
+    runs = np.arange(spectrum.n_codes) // run
+    thresholds, stats = calibrate_group_thresholds(spectrum, runs, real, seed, repeats, margin)
+    return thresholds[runs], stats
+
+
+def calibrate_group_thresholds(
+    spectrum: Spectrum,
+    groups: np.ndarray,
+    real: np.ndarray,
+    seed: int,
+    repeats: int = _NULL_REPEATS,
+    margin: float = _NULL_MARGIN,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """One threshold per group of codes (``groups``: each code's group index): see
+    :func:`calibrate_family_thresholds`."""
+    sets = {"real": (real, 1.0), **_null_sets(real, seed, repeats, margin)}
+    n_groups = int(groups.max()) + 1
     grid = np.round(np.arange(0.0, _MAX_FAMILY_THRESHOLD + 1e-9, 0.005), 3)
-    # counts[set][family, g]: kernels of that set nearest to the family's codes within grid[g].
+    # counts[set][group, g]: kernels of that set nearest to the group's codes within grid[g].
     counts = {}
     for name, (kernels, _) in sets.items():
         result = spectrum.classify(kernels, exact=True, threshold=_MAX_FAMILY_THRESHOLD)
-        nearest = family_index[np.rint(np.nan_to_num(result.codes) * (spectrum.n_codes - 1)).astype(int)]
-        table = np.zeros((len(names), len(grid)))
-        for f in range(len(names)):
+        nearest = groups[np.rint(np.nan_to_num(result.codes) * (spectrum.n_codes - 1)).astype(int)]
+        table = np.zeros((n_groups, len(grid)))
+        for f in range(n_groups):
             d = result.dissimilarity[result.valid & (nearest == f)]
             table[f] = np.searchsorted(np.sort(d), grid, side="right")
         counts[name] = table / len(kernels)
@@ -265,19 +294,16 @@ def calibrate_family_thresholds(
         return (counts["real"] - multiplier * cost).argmax(axis=1)
 
     def fits(pick: np.ndarray) -> bool:
-        return all(counts[name][np.arange(len(names)), pick].sum() <= rate for name, rate in bounds.items())
+        return all(counts[name][np.arange(n_groups), pick].sum() <= rate for name, rate in bounds.items())
 
     low, high = 0.0, 1e3
     for _ in range(60):
         mid = (low + high) / 2
         low, high = (low, mid) if fits(choose(mid)) else (mid, high)
     pick = choose(high)
-    thresholds = {str(name): float(grid[g]) for name, g in zip(names, pick)}
-    stats = {
-        f"{name}_false_positive_rate": float(counts[name][np.arange(len(names)), pick].sum()) for name in bounds
-    }
-    stats["real_clustered_fraction"] = float(counts["real"][np.arange(len(names)), pick].sum())
-    return thresholds, stats
+    stats = {f"{name}_false_positive_rate": float(counts[name][np.arange(n_groups), pick].sum()) for name in bounds}
+    stats["real_clustered_fraction"] = float(counts["real"][np.arange(n_groups), pick].sum())
+    return grid[pick], stats
 
 
 def pretrain(
@@ -294,8 +320,10 @@ def pretrain(
     """Train, label, calibrate and save the spectrum for one kernel size.
 
     ``epochs`` and ``n_synthetic`` default to the recipe of the shipped spectrum, or with
-    ``paper=True`` to the paper's method (equal family shares, the paper's threshold). Training
-    runs on one CPU thread: the result then depends on the seed alone, not on the machine's cores.
+    ``paper=True`` to the paper's method (equal family shares, the paper's threshold). A recipe
+    with ``curves`` (3x3) trains one autoencoder per curve, ``n_synthetic`` going to the curves
+    that take synthetic kernels, and calibrates a threshold per run of codes. Training runs on
+    one CPU thread: the result then depends on the seed alone, not on the machine's cores.
     """
     recipes = PAPER_RECIPES if paper else PRETRAIN_RECIPES
     recipe = recipes.get(kernel_size, recipes[max(recipes)])
@@ -304,9 +332,26 @@ def pretrain(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _pretrain(kernel_size, output, epochs, n_synthetic, n_codes, seed, cache_dir, log, paper, recipe.get("mix"))
+        return _pretrain(kernel_size, output, epochs, n_synthetic, n_codes, seed, cache_dir, log, paper, recipe)
     finally:
         torch.set_num_threads(threads)
+
+
+def _train_curve(
+    data: TrainingSet, epochs: int, n_codes: int, seeds: tuple[int, int], log: Callable[[str], None], paper: bool
+) -> tuple[Spectrum, float]:
+    """One autoencoder on ``data`` (training and labelling ``seeds``), decoded to ``n_codes``
+    labelled codes; and its final loss."""
+
+    def progress(epoch: int, loss: float) -> None:
+        bar = "#" * int(30 * (epoch + 1) / epochs)
+        log(f"\repoch {epoch + 1:3d}/{epochs} [{bar:<30}] loss {loss:.4f}")
+
+    model, final_loss = train_autoencoder(data.kernels, epochs, seeds[0], progress=progress)
+    spectrum = Spectrum.from_autoencoder(
+        model, threshold=1.0, n_codes=n_codes, seed=seeds[1], vote=not paper, method="paper" if paper else "autoencoder"
+    )
+    return spectrum, final_loss
 
 
 def _pretrain(
@@ -319,35 +364,51 @@ def _pretrain(
     cache_dir: Path | None,
     log: Callable[[str], None],
     paper: bool,
-    mix: Mapping[str, float] | None,
+    recipe: Mapping[str, Any],
 ) -> Spectrum:
     started = time.time()
-    data = training_set(kernel_size, n_synthetic, seed, cache_dir, mix)
-    log(f"training on {len(data.kernels)} kernels: {data.sources}")
-
-    def progress(epoch: int, loss: float) -> None:
-        bar = "#" * int(30 * (epoch + 1) / epochs)
-        log(f"\repoch {epoch + 1:3d}/{epochs} [{bar:<30}] loss {loss:.4f}")
-
-    model, final_loss = train_autoencoder(data.kernels, epochs, seed, progress=progress)
-    spectrum = Spectrum.from_autoencoder(
-        model, threshold=1.0, n_codes=n_codes, seed=seed, vote=not paper, method="paper" if paper else "autoencoder"
+    curves = recipe.get("curves") or [{"synthetic": True, "real_repeats": 1, "seed": 0}]
+    data = training_set(kernel_size, n_synthetic, seed, cache_dir, recipe.get("mix"))
+    real_only = TrainingSet(
+        data.real, {k: n for k, n in data.sources.items() if not k.startswith("kernelwatch.patterns")}, data.real
     )
+    parts, losses = [], []
+    for i, curve in enumerate(curves):
+        curve_data = data if curve["synthetic"] else real_only
+        if curve["real_repeats"] > 1:
+            curve_data = TrainingSet(np.concatenate([curve_data.kernels] * curve["real_repeats"]), curve_data.sources, data.real)
+        log(f"{'' if i == 0 else chr(10)}curve {i + 1}/{len(curves)}: training on {len(curve_data.kernels)} kernels: {curve_data.sources}")
+        size = n_codes // len(curves) + (i < n_codes % len(curves))
+        spectrum, loss = _train_curve(curve_data, epochs, size, (seed + curve["seed"], seed), log, paper)
+        parts.append(spectrum)
+        losses.append(loss)
+    spectrum = parts[0] if len(parts) == 1 else Spectrum.from_curves(parts)
     null_source = data.real if len(data.real) else data.kernels
     threshold, null_stats = calibrate_threshold(spectrum, null_source, seed + 1)
     spectrum.threshold = threshold
     if not paper:
         # The uniform threshold stays as the fallback; the figures that hold by default are the
-        # per-family ones.
+        # per-family (or per-code) ones.
         null_stats = {f"uniform_{key}": value for key, value in null_stats.items()}
-        spectrum.family_thresholds, family_stats = calibrate_family_thresholds(spectrum, null_source, seed + 1)
-        null_stats.update(family_stats, family_thresholds=spectrum.family_thresholds)
+        if "code_run" in recipe:
+            spectrum.code_thresholds, own_stats = calibrate_run_thresholds(
+                spectrum, recipe["code_run"], null_source, seed + 1, recipe["null_repeats"], recipe["null_margin"]
+            )
+            null_stats.update(
+                own_stats,
+                thresholds=f"per run of {recipe['code_run']} codes; {recipe['null_repeats']} shuffles and Gaussian "
+                f"draws per real kernel, null bounds times {recipe['null_margin']}",
+            )
+        else:
+            spectrum.family_thresholds, own_stats = calibrate_family_thresholds(spectrum, null_source, seed + 1)
+            null_stats.update(own_stats, family_thresholds=spectrum.family_thresholds)
     spectrum.provenance = {
         "sources": data.sources,
         "seed": seed,
         "epochs": epochs,
-        "final_loss": final_loss,
+        "final_loss": losses[0] if len(losses) == 1 else losses,
         "n_codes": n_codes,
+        **({"curves": [dict(c, n_codes=p.n_codes) for c, p in zip(curves, parts)]} if len(parts) > 1 else {}),
         "threshold": threshold,
         "labels": "nearest clean library pattern (label_prototypes)" if paper else "library votes (vote_labels)",
         "null_models": "the real training kernels (for 7x7 the resampled ones) spatially shuffled; i.i.d. Gaussian kernels",
@@ -361,7 +422,7 @@ def _pretrain(
         ),
     }
     spectrum.save(output)
-    log(f"\nwrote {output}: threshold {threshold:.3f}, final loss {final_loss:.4f}")
+    log(f"\nwrote {output}: threshold {threshold:.3f}, final loss {np.mean(losses):.4f}")
     return spectrum
 
 

@@ -171,7 +171,10 @@ class Spectrum:
     """Labelled prototypes along the code axis and the threshold that decides membership.
 
     ``threshold`` holds for every family that ``family_thresholds`` does not name; the shipped
-    spectra carry one threshold per family, each calibrated on the null models.
+    5x5 and 7x7 spectra carry one threshold per family, each calibrated on the null models.
+    ``code_thresholds`` (one per code, as the shipped 3x3 spectrum has) overrides both. A
+    spectrum may hold several 1-D curves, one autoencoder each, laid one after the other along
+    the code axis (``config["curves"]``: codes per curve; weights ``weights/curve<i>/<name>``).
     """
 
     kernel_size: int
@@ -184,6 +187,7 @@ class Spectrum:
     weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     config: dict[str, Any] = field(default_factory=dict)
     family_thresholds: dict[str, float] = field(default_factory=dict)
+    code_thresholds: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -193,6 +197,8 @@ class Spectrum:
             raise KernelWatchError(
                 f"inconsistent spectrum: {n} codes, prototypes {self.prototypes.shape}, {len(self.labels)} labels"
             )
+        if self.code_thresholds is not None and self.code_thresholds.shape != (n,):
+            raise KernelWatchError(f"inconsistent spectrum: {n} codes, {self.code_thresholds.shape} code thresholds")
 
     # -- loading and saving -------------------------------------------------------------------
 
@@ -231,6 +237,7 @@ class Spectrum:
                 f"this kernelwatch reads version {SPECTRUM_FORMAT_VERSION}"
             )
         weights = {key[len("weights/") :]: value for key, value in arrays.items() if key.startswith("weights/")}
+        code_thresholds = arrays.get("code_thresholds")
         return cls(
             kernel_size=header["kernel_size"],
             codes=arrays["codes"],
@@ -242,6 +249,7 @@ class Spectrum:
             weights=weights,
             config=header["config"],
             family_thresholds=header.get("family_thresholds", {}),
+            code_thresholds=None if code_thresholds is None else code_thresholds.astype(np.float64),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -265,6 +273,7 @@ class Spectrum:
                 prototypes=self.prototypes.astype(np.float32),
                 labels=self.labels.astype(str),
                 **{f"weights/{key}": value for key, value in self.weights.items()},
+                **({} if self.code_thresholds is None else {"code_thresholds": self.code_thresholds}),
             )
         return path
 
@@ -298,12 +307,42 @@ class Spectrum:
             config={"hidden": list(model.hidden), "hyperplane": model.hyperplane},
         )
 
-    def autoencoder(self) -> KernelAutoencoder:
-        """The trained autoencoder behind this spectrum (to encode kernels to codes)."""
+    @classmethod
+    def from_curves(cls, curves: list[Spectrum]) -> Spectrum:
+        """One spectrum of several curves laid one after the other on the code axis, each
+        curve's labels kept (codes evenly spaced on [0, 1] over all of them).
+
+        >>> one = Spectrum.pretrained(kernel_size=5)
+        >>> Spectrum.from_curves([one, one]).n_codes
+        20000
+        """
+        first = curves[0]
+        prototypes = np.concatenate([c.prototypes for c in curves])
+        weights = {f"curve{i}/{key}": value for i, c in enumerate(curves) for key, value in c.weights.items()}
+        return cls(
+            kernel_size=first.kernel_size,
+            codes=np.linspace(0.0, 1.0, len(prototypes), dtype=np.float32),
+            prototypes=prototypes,
+            labels=np.concatenate([c.labels for c in curves]),
+            threshold=first.threshold,
+            method=first.method,
+            weights=weights,
+            config={**first.config, "curves": [c.n_codes for c in curves]},
+        )
+
+    def autoencoder(self, curve: int = 0) -> KernelAutoencoder:
+        """The trained autoencoder behind this spectrum (behind its ``curve``-th curve, if it has
+        several): it decodes codes on [0, 1] to that curve's prototypes."""
         if self.method == "kmeans":
             raise KernelWatchError(f"a {self.method} spectrum has no autoencoder")
+        weights = self.weights
+        if "curves" in self.config:
+            if not 0 <= curve < len(self.config["curves"]):
+                raise KernelWatchError(f"this spectrum has {len(self.config['curves'])} curves, not curve {curve}")
+            prefix = f"curve{curve}/"
+            weights = {key[len(prefix) :]: value for key, value in weights.items() if key.startswith(prefix)}
         model = KernelAutoencoder(self.kernel_size, tuple(self.config["hidden"]), self.config["hyperplane"])
-        model.load_state_dict({key: torch.from_numpy(value) for key, value in self.weights.items()})
+        model.load_state_dict({key: torch.from_numpy(value) for key, value in weights.items()})
         return model.eval()
 
     # -- classification -----------------------------------------------------------------------
@@ -332,7 +371,10 @@ class Spectrum:
 
     @property
     def prototype_thresholds(self) -> np.ndarray:
-        """The threshold of each code: its family's, else :attr:`threshold`."""
+        """The threshold of each code: its own (:attr:`code_thresholds`), else its family's,
+        else :attr:`threshold`."""
+        if self.code_thresholds is not None:
+            return self.code_thresholds
         names, which = self._families
         return np.array([self.family_thresholds.get(str(name), self.threshold) for name in names], np.float64)[which]
 
