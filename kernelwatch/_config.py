@@ -70,7 +70,8 @@ K3_CURVES: tuple[dict[str, Any], ...] = (
 #: threshold per run of that many codes instead of per family, calibrated on ``null_repeats``
 #: shuffles and Gaussian draws per real kernel with the null bounds times ``null_margin``
 #: (thresholds per run fit the calibration nulls more closely than per family, so fresh
-#: nulls need the wider margin).
+#: nulls need the wider margin); the synthetic training kernels clustered count
+#: ``library_weight`` of the real ones, so that runs of clean patterns keep a threshold.
 PRETRAIN_RECIPES: dict[int, dict[str, Any]] = {
     3: {
         "epochs": 120,
@@ -79,6 +80,7 @@ PRETRAIN_RECIPES: dict[int, dict[str, Any]] = {
         "code_run": 25,
         "null_repeats": 16,
         "null_margin": 0.7,
+        "library_weight": 0.1,
     },
     5: {"epochs": 200, "n_synthetic": 40_000, "mix": DERIVATIVE_HEAVY_MIX},
     7: {"epochs": 150, "n_synthetic": 80_000, "mix": DERIVATIVE_HEAVY_MIX},

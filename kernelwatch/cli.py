@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=float,
         metavar="X",
-        help="one threshold for every family instead of the spectra's per-family ones (the paper's: 0.2 for 5x5, 0.3 for 7x7)",
+        help="one threshold for every code instead of the spectra's per-family (3x3: per-code) ones (the paper's: 0.2 for 5x5, 0.3 for 7x7)",
     )
     analyze.add_argument(
         "--log-dir", metavar="DIR", help="write the checkpoints as one run (a step each) to DIR for TensorBoard"

