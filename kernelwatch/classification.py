@@ -157,13 +157,17 @@ class PrototypeIndex:
             while end < len(unit) and end - first < max_size and unit[first] @ unit[end] >= min_cos:
                 end += 1
             starts.append(end)
-        blocks = list(zip(starts, starts[1:]))
         centres, radii = _cones(prototypes, starts)
-        part_cones = [_cones(prototypes, [*range(a, b, part_size), b]) for a, b in blocks]
-        counts = torch.tensor([len(r) for _, r in part_cones])
-        width = int(counts.max())
         bounds = torch.tensor(starts)
         first, sizes = bounds[:-1], bounds.diff()
+        part_starts = [s for a, b in zip(starts, starts[1:]) for s in range(a, b, part_size)]
+        part_centres, part_radii = _cones(prototypes, [*part_starts, len(unit)])
+        part_block = torch.searchsorted(bounds, torch.tensor(part_starts), right=True) - 1
+        slot = (torch.tensor(part_starts) - first[part_block]) // part_size
+        part_columns = torch.zeros(len(first), prototypes.shape[1] + 2, int(slot.max()) + 1)
+        part_columns[part_block, :, slot] = torch.cat([part_centres, -part_radii.cos()[:, None], -part_radii.sin()[:, None]], dim=1)
+        part_exists = torch.zeros(part_columns.shape[0], part_columns.shape[2], dtype=torch.bool)
+        part_exists[part_block, slot] = True
         slots = torch.minimum(first[:, None] + torch.arange(int(sizes.max())), (first + sizes - 1)[:, None])
         return cls(
             prototypes,
@@ -172,13 +176,8 @@ class PrototypeIndex:
             prototypes[slots].transpose(1, 2).contiguous(),
             first,
             sizes,
-            torch.stack(
-                [
-                    torch.nn.functional.pad(torch.cat([c.T, -r.cos()[None], -r.sin()[None]]), (0, width - len(r)))
-                    for c, r in part_cones
-                ]
-            ),
-            torch.arange(width) < counts[:, None],
+            part_columns,
+            part_exists,
         )
 
     def to(self, device: torch.device | str) -> PrototypeIndex:
@@ -317,12 +316,11 @@ def _true_cells(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _cones(prototypes: torch.Tensor, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit centre and half-angle of each run ``prototypes[starts[i]:starts[i + 1]]``."""
-    centres, radii = [], []
-    for first, end in zip(starts, starts[1:]):
-        centre = torch.nn.functional.normalize(prototypes[first:end].mean(dim=0), dim=0)
-        centres.append(centre)
-        radii.append(torch.arccos((prototypes[first:end] @ centre).clamp(-1.0, 1.0)).max())
-    return torch.stack(centres), torch.stack(radii)
+    run = torch.repeat_interleave(torch.arange(len(starts) - 1), torch.tensor(starts).diff())
+    centres = torch.zeros(len(starts) - 1, prototypes.shape[1]).index_add_(0, run, prototypes)
+    centres = torch.nn.functional.normalize(centres, dim=1)
+    angles = torch.arccos((prototypes * centres[run]).sum(dim=1).clamp(-1.0, 1.0))
+    return centres, torch.zeros(len(centres)).scatter_reduce_(0, run, angles, reduce="amax")
 
 
 def classify_unit(
