@@ -9,7 +9,7 @@ kernel that can be clustered (and for all kernels with ``exact=True``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -84,14 +84,18 @@ def centre_and_normalise(kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     ([True, False], 1.0)
     """
     flat = kernels.reshape(kernels.shape[0], -1)
-    finite = torch.isfinite(flat).all(dim=1)
+    total = flat.sum(dim=1)
+    finite = torch.isfinite(total)  # false for a NaN or Inf anywhere in the kernel
     if not finite.all():
         flat = torch.where(finite[:, None], flat, torch.zeros_like(flat))
-    centred = flat - flat.mean(dim=1, keepdim=True)
-    norm = centred.norm(dim=1)
-    # Flat relative to the kernel's own size, so that scaling never changes validity.
-    valid = finite & (norm > _FLAT_TOLERANCE * flat.norm(dim=1)) & (norm > 0)
-    unit = centred / torch.where(valid, norm, 1.0)[:, None]
+        total = torch.where(finite, total, 0.0)
+    unit = flat - (total / flat.shape[1])[:, None]
+    norm = torch.linalg.vector_norm(unit, dim=1)
+    # Flat relative to the kernel's own size (|kernel|^2 = |centred|^2 + total^2 / d), so that
+    # scaling never changes validity.
+    size = torch.sqrt(norm * norm + total * total / flat.shape[1])
+    valid = finite & (norm > _FLAT_TOLERANCE * size) & (norm > 0)
+    unit.mul_((1.0 / torch.where(valid, norm, 1.0))[:, None])
     if not valid.all():
         unit = torch.where(valid[:, None], unit, torch.zeros_like(unit))
     return unit, valid
@@ -115,29 +119,36 @@ def nearest_prototype_brute_force(
 
 @dataclass(frozen=True)
 class PrototypeIndex:
-    """Prototypes cut into contiguous blocks of the code axis, each with a bounding cone.
+    """Prototypes cut into contiguous blocks of the code axis, and blocks into parts, each run
+    with a bounding cone.
 
     Neighbouring codes decode to similar kernels, so a run of prototypes fits in a narrow cone
     around its normalised mean: ``cos(x, p) <= cos(max(0, angle(x, centre) - radius))`` for
-    every prototype ``p`` in the block. Blocks end where the spectrum turns by more than
+    every prototype ``p`` in the run. Blocks end where the spectrum turns by more than
     ``max_diameter`` degrees (so a jump between patterns never widens a cone) or after
-    ``max_size`` codes. Only blocks whose bound beats the best similarity found so far need an
-    exact look.
+    ``max_size`` codes; parts are runs of ``part_size`` codes within a block. A kernel is
+    compared with every block's centre and with every prototype of the nearest block; any other
+    block is searched only if its cone, and then one of its parts' cones, could hold a better
+    prototype.
     """
 
     prototypes: torch.Tensor  # [M, d] unit rows
-    starts: list[int]  # block b holds prototypes[starts[b]:starts[b + 1]]
     centres: torch.Tensor  # [B, d] unit rows
     radii: torch.Tensor  # [B] each cone's half-angle in radians
     # [B, d, S]: each block's prototypes as columns, padded to the largest block's size S by
-    # repeating its last one (a repeat never changes a maximum), so that one batched matmul
-    # compares many kernels with many blocks.
+    # repeating its last one (a repeat never changes a maximum).
     columns: torch.Tensor
     first: torch.Tensor  # [B] index of each block's first prototype, and its size
     sizes: torch.Tensor
+    # [B, d + 2, Q]: each block's parts as columns [centre, -cos(radius), -sin(radius)],
+    # zero-padded to the most parts Q of a block
+    part_columns: torch.Tensor
+    part_exists: torch.Tensor  # [B, Q] False for the padding
 
     @classmethod
-    def build(cls, prototypes: torch.Tensor, max_diameter: float = 20.0, max_size: int = 64) -> PrototypeIndex:
+    def build(
+        cls, prototypes: torch.Tensor, max_diameter: float = 30.0, max_size: int = 128, part_size: int = 16
+    ) -> PrototypeIndex:
         unit = prototypes.double().numpy()
         min_cos = np.cos(np.radians(max_diameter))
         starts = [0]
@@ -146,37 +157,34 @@ class PrototypeIndex:
             while end < len(unit) and end - first < max_size and unit[first] @ unit[end] >= min_cos:
                 end += 1
             starts.append(end)
-        centres, radii, columns = [], [], []
-        size = max(b - a for a, b in zip(starts, starts[1:]))
-        for first, end in zip(starts, starts[1:]):
-            centre = torch.nn.functional.normalize(prototypes[first:end].mean(dim=0), dim=0)
-            centres.append(centre)
-            radii.append(torch.arccos((prototypes[first:end] @ centre).clamp(-1.0, 1.0)).max())
-            columns.append(prototypes[torch.arange(first, first + size).clamp(max=end - 1)].T)
+        centres, radii = _cones(prototypes, starts)
         bounds = torch.tensor(starts)
+        first, sizes = bounds[:-1], bounds.diff()
+        part_starts = [s for a, b in zip(starts, starts[1:]) for s in range(a, b, part_size)]
+        part_centres, part_radii = _cones(prototypes, [*part_starts, len(unit)])
+        part_block = torch.searchsorted(bounds, torch.tensor(part_starts), right=True) - 1
+        slot = (torch.tensor(part_starts) - first[part_block]) // part_size
+        part_columns = torch.zeros(len(first), prototypes.shape[1] + 2, int(slot.max()) + 1)
+        part_columns[part_block, :, slot] = torch.cat([part_centres, -part_radii.cos()[:, None], -part_radii.sin()[:, None]], dim=1)
+        part_exists = torch.zeros(part_columns.shape[0], part_columns.shape[2], dtype=torch.bool)
+        part_exists[part_block, slot] = True
+        slots = torch.minimum(first[:, None] + torch.arange(int(sizes.max())), (first + sizes - 1)[:, None])
         return cls(
             prototypes,
-            starts,
-            torch.stack(centres),
-            torch.stack(radii),
-            torch.stack(columns).contiguous(),
-            bounds[:-1],
-            bounds.diff(),
+            centres,
+            radii,
+            prototypes[slots].transpose(1, 2).contiguous(),
+            first,
+            sizes,
+            part_columns,
+            part_exists,
         )
 
     def to(self, device: torch.device | str) -> PrototypeIndex:
-        return PrototypeIndex(
-            self.prototypes.to(device),
-            self.starts,
-            self.centres.to(device),
-            self.radii.to(device),
-            self.columns.to(device),
-            self.first.to(device),
-            self.sizes.to(device),
-        )
+        return PrototypeIndex(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     def search(
-        self, unit: torch.Tensor, floor: float = -1.0, chunk: int = 16384
+        self, unit: torch.Tensor, floor: float = -1.0, chunk: int = 4096
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest prototype for each row of ``unit``: ``(index, similarity)``.
 
@@ -185,64 +193,134 @@ class PrototypeIndex:
         and its similarity stays below ``floor`` like the true best. With the default floor of
         -1 the search is exact for all.
         """
-        index = torch.empty(unit.shape[0], dtype=torch.long, device=unit.device)
-        sim = torch.empty(unit.shape[0], dtype=unit.dtype, device=unit.device)
-        for start in range(0, unit.shape[0], chunk):
-            part = slice(start, start + chunk)
-            index[part], sim[part] = self._search_chunk(unit[part], floor)
-        return index, sim
-
-    def _search_chunk(self, x: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(x.shape[0], device=x.device)
-        cos = x @ self.centres.T
+        # Chunks small enough that the [chunk, blocks] similarities stay in cache.
+        cos = [part @ self.centres.T for part in unit.split(chunk)]
         # The nearest block first: for a kernel near the spectrum its best prototype is usually
         # there, and that similarity then rules out almost every other block.
-        first = cos.max(dim=1).indices  # (max is faster than argmax here)
-        best_sim, best_index = self._scan(x, rows, first)
-        # A block can beat similarity t only if angle(x, centre) < radius + arccos(t). One
-        # comparison per (kernel, block) with the largest radius, then each surviving pair with
-        # its own block's radius. Past a half turn every direction is within reach.
+        first = torch.cat([_row_max(c)[1] for c in cos])
+        # Kernels sorted by their nearest block: each block's kernels are then one contiguous
+        # slice, and the kernels a block is compared with lie close together in memory.
+        first_sorted, order = _sort_small(first)
+        position = torch.empty_like(order)
+        position[order] = torch.arange(len(order), device=order.device)
+        x = unit.index_select(0, order)  # (much faster than unit[order] on CPU)
+        best_sim, within = self._best_in_blocks(x, first_sorted)
+        best_index = self._prototype(first_sorted, within)
+        # A cone of radius r can beat similarity t only if angle(x, centre) < arccos(t) + r,
+        # i.e. cos(x, centre) - cos(a + r) >= 0 with cos(a + r) = cos(a) cos(r) - sin(a) sin(r)
+        # and a = arccos(t): a rank-2 update of the similarities gives it for every pair.
         angle = torch.arccos((best_sim.clamp_min(floor) - _BOUND_SLACK).clamp(-1.0, 1.0))
-        widest = angle + self.radii.max()
-        candidate = cos > torch.where(widest >= torch.pi, -2.0, torch.cos(widest))[:, None]
-        candidate[rows, first] = False
-        pair_rows, pair_blocks = candidate.nonzero(as_tuple=True)
-        reach = angle[pair_rows] + self.radii[pair_blocks]
-        keep = (cos[pair_rows, pair_blocks] > torch.cos(reach)) | (reach >= torch.pi)
-        pair_blocks, pair_rows = pair_blocks[keep], pair_rows[keep]
-        if pair_rows.numel():
-            sim, index = self._scan(x, pair_rows, pair_blocks)
-            updated = best_sim.scatter_reduce(0, pair_rows, sim, reduce="amax")
-            won = (sim > best_sim[pair_rows]) & (sim == updated[pair_rows])
-            best_index[pair_rows[won]] = index[won]
-            best_sim = updated
-        return best_index, best_sim
-
-    def _scan(
-        self, x: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor, tile: int = 64
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best similarity and prototype of kernel ``rows[i]`` within block ``blocks[i]``.
-
-        Pairs are sorted by block and packed into tiles of ``tile`` kernels of one block each,
-        so that all pairs cost one batched matmul, with no Python loop over blocks.
-        """
-        blocks, order = blocks.sort(stable=True)
+        trig = torch.stack([angle.cos(), -angle.sin()], dim=1)
+        # Past a half turn the formula no longer bounds anything: such kernels keep every cone.
+        whole_turn = angle + self.radii.max() >= torch.pi
+        any_whole_turn = bool(whole_turn.any())
+        block_reach = -torch.stack([self.radii.cos(), self.radii.sin()])
+        pairs = []
+        for offset, (c, part_position, part_first) in enumerate(zip(cos, position.split(chunk), first.split(chunk))):
+            candidate = c.addmm_(trig[part_position], block_reach) >= 0
+            if any_whole_turn:
+                candidate |= whole_turn[part_position, None]
+            candidate[torch.arange(len(c), device=c.device), part_first] = False
+            pair_rows, pair_blocks = _true_cells(candidate)
+            pairs.append((part_position[pair_rows], pair_blocks))
+        rows, blocks = (torch.cat(column) for column in zip(*pairs))
+        # Then each pair's part cones: with [x, cos(a), -sin(a)] against [centre, -cos(r),
+        # -sin(r)], one product gives cos(x, part centre) - cos(a + r), and a part within reach
+        # is one where that is not negative.
+        blocks, order = _sort_small(blocks)
         rows = rows[order]
-        counts = torch.bincount(blocks, minlength=len(self.sizes))
-        tiles = (counts + tile - 1) // tile
-        position = torch.arange(len(rows), device=x.device) - (counts.cumsum(0) - counts)[blocks]
-        at_tile = (tiles.cumsum(0) - tiles)[blocks] + position // tile
-        slot = position % tile
-        packed = torch.zeros(int(tiles.sum()), tile, x.shape[1], dtype=x.dtype, device=x.device)
-        packed[at_tile, slot] = x[rows]
-        tile_block = torch.zeros(len(packed), dtype=torch.long, device=x.device)
-        tile_block[at_tile] = blocks
-        sim, within = torch.bmm(packed, self.columns[tile_block]).max(dim=2)
-        sim, within = sim[at_tile, slot], within[at_tile, slot]
-        index = self.first[blocks] + torch.minimum(within, self.sizes[blocks] - 1)
-        out_sim, out_index = torch.empty_like(sim), torch.empty_like(index)
-        out_sim[order], out_index[order] = sim, index
-        return out_sim, out_index
+        alive = self._parts_within_reach(torch.cat([x, trig], dim=1), rows, blocks)
+        if any_whole_turn:
+            alive |= whole_turn[rows]
+        rows, blocks = rows[alive], blocks[alive]
+        if len(rows):
+            sim, within = self._best_in_blocks(x.index_select(0, rows), blocks)
+            updated = best_sim.scatter_reduce(0, rows, sim, reduce="amax")
+            won = (sim > best_sim[rows]) & (sim == updated[rows])
+            best_index[rows[won]] = self._prototype(blocks[won], within[won])
+            best_sim = updated
+        return best_index[position], best_sim[position]
+
+    def _best_in_blocks(self, x: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best similarity of ``x[i]`` within block ``blocks[i]`` (sorted), and its column.
+
+        One matmul per block into a small reused buffer, reduced there while it is in cache."""
+        counts = torch.bincount(blocks, minlength=len(self.columns)).tolist()
+        buffer = torch.empty(max(counts, default=0), self.columns.shape[2], dtype=x.dtype, device=x.device)
+        sim = torch.empty(len(x), dtype=x.dtype, device=x.device)
+        within = torch.empty(len(x), dtype=torch.long, device=x.device)
+        start = 0
+        for block, count in enumerate(counts):
+            if count:
+                part = slice(start, start + count)
+                torch.max(torch.mm(x[part], self.columns[block], out=buffer[:count]), dim=1, out=(sim[part], within[part]))
+                start += count
+        return sim, within
+
+    def _parts_within_reach(self, x_trig: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Whether one of block ``blocks[i]``'s part cones is within reach of ``x_trig[rows[i]]``."""
+        counts = torch.bincount(blocks, minlength=len(self.columns)).tolist()
+        packed = torch.empty(max(counts, default=0), x_trig.shape[1], dtype=x_trig.dtype, device=x_trig.device)
+        alive = torch.empty(len(rows), dtype=torch.bool, device=rows.device)
+        start = 0
+        for block, count in enumerate(counts):
+            if count:
+                part = slice(start, start + count)
+                gap = torch.index_select(x_trig, 0, rows[part], out=packed[:count]) @ self.part_columns[block]
+                torch.any((gap >= 0) & self.part_exists[block], dim=1, out=alive[part])
+                start += count
+        return alive
+
+    def _prototype(self, blocks: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+        """Index of the ``within``-th column of ``blocks`` (a padding column is the last prototype)."""
+        return self.first[blocks] + torch.minimum(within, self.sizes[blocks] - 1)
+
+
+def _row_max(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximum and its first index, like ``values.max(dim=1)``.
+
+    >>> _row_max(torch.tensor([[1.0, 3.0, 3.0], [2.0, 0.0, 1.0]]))[1].tolist()
+    [1, 0]
+    """
+    if values.device.type != "cpu":
+        return values.max(dim=1)
+    # numpy's argmax is twice as fast as torch's max with indices on CPU.
+    index = torch.from_numpy(values.numpy().argmax(axis=1))
+    return values.gather(1, index[:, None]).squeeze(1), index
+
+
+def _sort_small(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of block numbers, like ``values.sort(stable=True)``.
+
+    >>> [t.tolist() for t in _sort_small(torch.tensor([2, 0, 2, 1]))]
+    [[0, 1, 2, 2], [1, 3, 0, 2]]
+    """
+    if values.device.type != "cpu" or (len(values) and int(values.max()) > np.iinfo(np.int16).max):
+        return values.sort(stable=True)
+    # numpy sorts 16-bit integers stably by radix sort, in linear time: 4x torch's sort here.
+    order = torch.from_numpy(np.argsort(values.numpy().astype(np.int16), kind="stable"))
+    return values[order], order
+
+
+def _true_cells(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of each True cell of a 2-D mask, like ``mask.nonzero(as_tuple=True)``.
+
+    >>> [t.tolist() for t in _true_cells(torch.tensor([[False, True], [True, True]]))]
+    [[0, 1, 1], [1, 0, 1]]
+    """
+    if mask.device.type != "cpu":
+        return mask.nonzero(as_tuple=True)
+    flat = torch.from_numpy(np.flatnonzero(mask.numpy()))  # three times faster than torch here
+    return flat // mask.shape[1], flat % mask.shape[1]
+
+
+def _cones(prototypes: torch.Tensor, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit centre and half-angle of each run ``prototypes[starts[i]:starts[i + 1]]``."""
+    run = torch.repeat_interleave(torch.arange(len(starts) - 1), torch.tensor(starts).diff())
+    centres = torch.zeros(len(starts) - 1, prototypes.shape[1]).index_add_(0, run, prototypes)
+    centres = torch.nn.functional.normalize(centres, dim=1)
+    angles = torch.arccos((prototypes * centres[run]).sum(dim=1).clamp(-1.0, 1.0))
+    return centres, torch.zeros(len(centres)).scatter_reduce_(0, run, angles, reduce="amax")
 
 
 def classify_unit(

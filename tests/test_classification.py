@@ -45,16 +45,16 @@ def test_invalid_kernels_are_flagged_not_crashing():
     assert torch.isfinite(unit).all()
 
 
-@pytest.mark.parametrize("max_diameter, max_size", [(10.0, 200), (5.0, 20), (180.0, 10_000)])
+@pytest.mark.parametrize("max_diameter, max_size, part_size", [(10.0, 200, 16), (5.0, 20, 3), (180.0, 10_000, 64)])
 @pytest.mark.parametrize("floor", [-1.0, 0.7])
-def test_index_search_equals_brute_force(max_diameter, max_size, floor):
+def test_index_search_equals_brute_force(max_diameter, max_size, part_size, floor):
     protos = smooth_curve(2000, 49)
     g = torch.Generator().manual_seed(1)
     near = protos[torch.randint(0, 2000, (1500,), generator=g)] + 0.05 * torch.randn(1500, 49, generator=g)
     far = torch.randn(1000, 49, generator=g)
     unit, _ = centre_and_normalise(torch.cat([near, far]).reshape(-1, 7, 7))
     ref_index, ref_sim = nearest_prototype_brute_force(unit, protos)
-    index, sim = PrototypeIndex.build(protos, max_diameter, max_size).search(unit, floor=floor)
+    index, sim = PrototypeIndex.build(protos, max_diameter, max_size, part_size).search(unit, floor=floor)
     # Exact wherever the best similarity reaches the floor; below it, a real prototype whose
     # similarity stays below the floor.
     exact = ref_sim >= floor
