@@ -346,7 +346,7 @@ def classify_unit(
     dissimilarity = (1.0 - sim).cpu().numpy().astype(np.float64)
     valid_np = valid.cpu().numpy()
     clustered = valid_np & (dissimilarity <= (threshold[best] if threshold.ndim else threshold))
-    out_labels = labels[best].astype(np.result_type(labels, np.array([UNCLUSTERED, INVALID])))
+    out_labels = labels[best].astype(np.result_type(labels, np.array([UNCLUSTERED, INVALID])), copy=False)
     out_labels[~clustered] = UNCLUSTERED
     out_labels[~valid_np] = INVALID
     return ClassificationResult(

@@ -45,8 +45,9 @@ def median_dissimilarity(result: ClassificationResult) -> float:
     """Median ``1 - cos`` to the nearest prototype over the valid kernels (NaN if none).
 
     From the default (inexact) search this is an upper bound: for unclustered kernels the
-    search may stop at a near, not the nearest, prototype. Measured on random and trained
-    7x7 kernels it differs from the exact median by less than 0.001 (see docs/spectra.md).
+    search may stop at a near, not the nearest, prototype. Measured on 4,000 Gaussian kernels it
+    is above the exact median by 0.0006 (3x3), 0.0017 (5x5) and 0.0007 (7x7); on structured 7x7
+    kernels it is exact (see docs/spectra.md).
     """
     valid = result.dissimilarity[result.valid]
     return float(np.median(valid)) if len(valid) else float("nan")
