@@ -503,6 +503,42 @@ function followSlider(slider, stepLabel, parts, choose) {
 
 const stepText = (steps, i) => `step ${steps[i]} (${i + 1} of ${steps.length}${i === steps.length - 1 ? ", latest" : ""})`;
 
+/** A step card's record at ``step`` (null: the latest), else the latest when the series lacks
+ * that step (sampled, or not written then): ``{ data, failure }``, data null if neither loads. */
+async function getStepRecord(route, params, step) {
+  try {
+    return { data: await getJSON(route, { ...params, step }), failure: null };
+  } catch (failure) {
+    return { data: step === null ? null : await getJSON(route, params).catch(() => null), failure };
+  }
+}
+
+/** Load a step card's picture ``file`` (decoded before anything is swapped in) and move the
+ * card's slider to ``index`` of ``steps``; null when it could not be loaded (the card then says
+ * ``failure``) or the card was asked for something else meanwhile. */
+async function showStepPicture(node, parts, current, { key, steps, index, file, params, failure }) {
+  const url = new URL(file, BASE);
+  for (const [k, v] of Object.entries(params)) url.searchParams.set(k, v);
+  const picture = await loaded(url);
+  if (!picture) {
+    if (current()) {
+      parts.key = null;
+      show(node, message(failure));
+    }
+    return null;
+  }
+  if (!current()) return null;
+  parts.key = key;
+  parts.steps = steps;
+  parts.slider.max = String(steps.length - 1);
+  parts.slider.disabled = steps.length < 2;
+  if (!parts.dragging) {
+    parts.slider.value = String(index);
+    parts.stepLabel.textContent = stepText(steps, index);
+  }
+  return { url, picture };
+}
+
 /** 3. A layer's kernels at one snapshot: slider over snapshots, cluster filter, legend. */
 async function drawSprite(node) {
   const current = ticket("sprite");
@@ -510,15 +546,7 @@ async function drawSprite(node) {
   const parts = spriteParts(node);
   // Another layer's picture stays until this one is ready, but no longer counts as loaded.
   if (parts.frame.dataset.selection !== JSON.stringify([run, layer, lens])) delete parts.frame.dataset.loaded;
-  let data = null;
-  let failure = null;
-  try {
-    data = await getJSON("sprite", { run, layer, lens, step: state.step });
-  } catch (error) {
-    failure = error;
-    // A step the sprite series lacks (sampled, or not written then): fall back to the latest.
-    if (state.step !== null) data = await getJSON("sprite", { run, layer, lens }).catch(() => null);
-  }
+  const { data, failure } = await getStepRecord("sprite", { run, layer, lens }, state.step);
   if (!current()) return;
   if (!data) {
     parts.key = null;
@@ -532,25 +560,13 @@ async function drawSprite(node) {
   const key = JSON.stringify([run, layer, lens, data.step, steps]);
   if (key === parts.key && parts.root.isConnected) return; // nothing new to show
   const scale = layout.cell_size < 32 ? 2 : 1.25;
-  const url = new URL("sprite.png", BASE);
-  for (const [k, v] of Object.entries({ run, layer, step: data.step, lens })) url.searchParams.set(k, v);
-  if (!(await loaded(url))) {
-    if (current()) {
-      parts.key = null;
-      show(node, message("The sprite image could not be loaded."));
-    }
-    return;
-  }
-  if (!current()) return;
-  parts.key = key;
-  parts.steps = steps;
-  const { slider, stepLabel, filter, caption, image, overlay, frame, legend, hover } = parts;
-  slider.max = String(steps.length - 1);
-  slider.disabled = steps.length < 2;
-  if (!parts.dragging) {
-    slider.value = String(index);
-    stepLabel.textContent = stepText(steps, index);
-  }
+  const loadedPicture = await showStepPicture(node, parts, current, {
+    key, steps, index, file: "sprite.png", params: { run, layer, step: data.step, lens },
+    failure: "The sprite image could not be loaded.",
+  });
+  if (!loadedPicture) return;
+  const { url } = loadedPicture;
+  const { filter, caption, image, overlay, frame, legend, hover } = parts;
   filter.replaceChildren(el("option", { value: "" }, "all clusters"),
     ...layout.groups.map((g) => el("option", { value: g.label, selected: g.label === state.cluster }, `${shown(g.label)} (${g.shown}/${g.count})`)));
   filter.value = layout.groups.some((g) => g.label === state.cluster) ? state.cluster : "";
@@ -707,14 +723,7 @@ async function drawFirstLayer(node) {
   }
   page.firstLayer.heading.replaceChildren("First layer — ", nameNode(layer));
   const parts = firstLayerParts(node);
-  let data = null;
-  let failure = null;
-  try {
-    data = await getJSON("first_layer", { run, layer, step: state.firstStep });
-  } catch (error) {
-    failure = error;
-    if (state.firstStep !== null) data = await getJSON("first_layer", { run, layer }).catch(() => null);
-  }
+  const { data, failure } = await getStepRecord("first_layer", { run, layer }, state.firstStep);
   if (!current()) return;
   if (!data) {
     parts.key = null;
@@ -726,26 +735,13 @@ async function drawFirstLayer(node) {
   if (index === steps.length - 1) state.firstStep = null;
   const key = JSON.stringify([run, layer, data.step, steps, data.timeline.steps]);
   if (key === parts.key && parts.root.isConnected) return;
-  const url = new URL("first_layer.png", BASE);
-  for (const [k, v] of Object.entries({ run, layer, step: data.step })) url.searchParams.set(k, v);
-  const preload = await loaded(url);
-  if (!preload) {
-    if (current()) {
-      parts.key = null;
-      show(node, message("The filter picture could not be loaded."));
-    }
-    return;
-  }
-  if (!current()) return;
-  parts.key = key;
-  parts.steps = steps;
-  const { slider, stepLabel, image, figures } = parts;
-  slider.max = String(steps.length - 1);
-  slider.disabled = steps.length < 2;
-  if (!parts.dragging) {
-    slider.value = String(index);
-    stepLabel.textContent = stepText(steps, index);
-  }
+  const loadedPicture = await showStepPicture(node, parts, current, {
+    key, steps, index, file: "first_layer.png", params: { run, layer, step: data.step },
+    failure: "The filter picture could not be loaded.",
+  });
+  if (!loadedPicture) return;
+  const { url, picture: preload } = loadedPicture;
+  const { image, figures } = parts;
   Object.assign(image, { alt: `filters of ${shown(layer)} at step ${data.step}`, src: url.href });
   image.width = preload.naturalWidth * 2;
   image.height = preload.naturalHeight * 2;
