@@ -83,7 +83,7 @@ def centre_and_normalise(kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     >>> valid.tolist(), round(float(unit[0].norm()), 4)
     ([True, False], 1.0)
     """
-    flat = kernels.reshape(kernels.shape[0], -1)
+    flat = kernels.flatten(1)
     total = flat.sum(dim=1)
     finite = torch.isfinite(total)  # false for a NaN or Inf anywhere in the kernel
     if not finite.all():
@@ -193,6 +193,8 @@ class PrototypeIndex:
         and its similarity stays below ``floor`` like the true best. With the default floor of
         -1 the search is exact for all.
         """
+        if not len(unit):
+            return torch.zeros(0, dtype=torch.long, device=unit.device), unit.new_zeros(0)
         # Chunks small enough that the [chunk, blocks] similarities stay in cache.
         cos = [part @ self.centres.T for part in unit.split(chunk)]
         # The nearest block first: for a kernel near the spectrum its best prototype is usually

@@ -106,3 +106,10 @@ def test_bad_kernel_input_has_clear_errors(bad, message):
 def test_wrong_kernel_size_names_both_sizes():
     with pytest.raises(KernelWatchError, match="5x5 but this spectrum is for 7x7"):
         as_kernel_tensor(np.zeros((1, 5, 5)), kernel_size=7)
+
+
+def test_no_kernels_give_empty_results():
+    unit, valid = centre_and_normalise(torch.zeros(0, 7, 7))
+    assert unit.shape == (0, 49) and valid.shape == (0,)
+    index, sim = PrototypeIndex.build(smooth_curve(300, 49)).search(unit)
+    assert index.shape == sim.shape == (0,)
