@@ -13,6 +13,7 @@ colours) from which the frontend draws the legend.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
@@ -160,11 +161,14 @@ def kernel_sprite(
                 "height": band_height,
             }
         )
-        for i, (index, tile) in enumerate(zip(picks, _upscale(colourise(kernels[picks]), scale))):
+        # Python numbers per cell from tolist(): numpy scalars cost more than the drawing here.
+        numbers = {name: values[picks].tolist() for name, values in details.items()}
+        tiles = _upscale(colourise(kernels[picks]), scale)
+        for i, (index, label) in enumerate(zip(picks.tolist(), labels[picks].tolist())):
             cx, cy = left + (i % columns) * (cell + gap), y + (i // columns) * (cell + gap)
-            canvas[cy : cy + cell, cx : cx + cell] = tile
-            cells.append({"x": cx, "y": cy, "index": int(index), "label": str(labels[index])})
-            cells[-1].update({name: _rounded(values[index]) for name, values in details.items()})
+            canvas[cy : cy + cell, cx : cx + cell] = tiles[i]
+            cells.append({"x": cx, "y": cy, "index": index, "label": label})
+            cells[-1].update({name: _rounded(values[i]) for name, values in numbers.items()})
         y += n_rows * (cell + gap)
     layout = {
         "width": width,
@@ -279,7 +283,7 @@ def filter_grid(weight: np.ndarray, max_filters: int = 64, columns: int = 8) -> 
 
 
 def _rounded(value: float) -> float | None:
-    return round(float(value), 4) if np.isfinite(value) else None
+    return round(value, 4) if math.isfinite(value) else None
 
 
 def _families(labels: np.ndarray) -> np.ndarray:
