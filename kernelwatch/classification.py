@@ -144,6 +144,7 @@ class PrototypeIndex:
     # zero-padded to the most parts Q of a block
     part_columns: torch.Tensor
     part_exists: torch.Tensor  # [B, Q] False for the padding
+    widest: torch.Tensor  # the largest radius of any block or part (0-d)
 
     @classmethod
     def build(
@@ -178,6 +179,7 @@ class PrototypeIndex:
             sizes,
             part_columns,
             part_exists,
+            torch.maximum(radii.max(), part_radii.max()),
         )
 
     def to(self, device: torch.device | str) -> PrototypeIndex:
@@ -214,7 +216,7 @@ class PrototypeIndex:
         angle = torch.arccos((best_sim.clamp_min(floor) - _BOUND_SLACK).clamp(-1.0, 1.0))
         trig = torch.stack([angle.cos(), -angle.sin()], dim=1)
         # Past a half turn the formula no longer bounds anything: such kernels keep every cone.
-        whole_turn = angle + self.radii.max() >= torch.pi
+        whole_turn = angle + self.widest >= torch.pi
         any_whole_turn = bool(whole_turn.any())
         block_reach = -torch.stack([self.radii.cos(), self.radii.sin()])
         pairs = []
