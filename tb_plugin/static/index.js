@@ -445,43 +445,51 @@ function drawTimeline(node, data, { captions: withCaptions = true } = {}) {
   });
 }
 
-/** The sprite card's controls, built once per card and updated in place, so a live update or a
- * slider move never replaces the slider under the user's pointer. */
+/** A step card's controls, built once per card node (kept in ``cache``) and updated in place, so a
+ * live update or a slider move never replaces the slider under the user's pointer: a slider and
+ * its step label, then what ``build(parts)`` adds (its elements and ``parts.root``); ``choose``
+ * gets the step the slider rests on. */
+function stepCardParts(cache, node, title, build, choose) {
+  let parts = cache.get(node);
+  if (parts) return parts;
+  const slider = el("input", { type: "range", min: 0, max: 0, value: 0, className: "kw-slider", title });
+  const stepLabel = el("span", { className: "kw-step" });
+  parts = { slider, stepLabel, notes: el("div"), steps: [], dragging: false, key: null };
+  build(parts);
+  followSlider(slider, stepLabel, parts, choose);
+  cache.set(node, parts);
+  return parts;
+}
+
+/** The sprite card's controls: slider, cluster filter, picture with its hover overlay, legend. */
 const sprites = new WeakMap();
 
 function spriteParts(node) {
-  let parts = sprites.get(node);
-  if (parts) return parts;
-  const slider = el("input", { type: "range", min: 0, max: 0, value: 0, className: "kw-slider", title: "Snapshot" });
-  const stepLabel = el("span", { className: "kw-step" });
-  const filter = el("select", { className: "kw-filter", title: "Show one cluster" });
-  const caption = el("p", { className: "kw-caption" });
-  const image = el("img", { className: "kw-sprite" });
-  const overlay = el("div", { className: "kw-overlay" });
-  const frame = el("div", { className: "kw-sprite-frame" }, image, overlay);
-  const legend = el("ul", { className: "kw-legend" });
-  const hover = el("p", { className: "kw-hover kw-muted" }, "Hover a kernel for its channel and label.");
-  parts = { slider, stepLabel, filter, caption, image, overlay, frame, legend, hover, notes: el("div"), steps: [], cells: [], dragging: false, key: null };
-  const root = el("div", { className: "kw-sprite-view" }, parts.notes,
-    el("div", { className: "kw-controls" }, slider, stepLabel, filter), caption,
-    el("div", { className: "kw-sprite-row" }, el("div", {}, frame, hover), legend));
-  parts.root = root;
-  const applyFilter = () => {
-    for (const [box, cell] of parts.cells) box.classList.toggle("kw-dim", !!state.cluster && family(cell.label) !== state.cluster);
-  };
-  parts.applyFilter = applyFilter;
-  filter.addEventListener("change", () => {
-    state.cluster = filter.value;
-    saveSelection();
-    applyFilter();
-  });
-  followSlider(slider, stepLabel, parts, (step) => {
+  return stepCardParts(sprites, node, "Snapshot", (parts) => {
+    const filter = el("select", { className: "kw-filter", title: "Show one cluster" });
+    const caption = el("p", { className: "kw-caption" });
+    const image = el("img", { className: "kw-sprite" });
+    const overlay = el("div", { className: "kw-overlay" });
+    const frame = el("div", { className: "kw-sprite-frame" }, image, overlay);
+    const legend = el("ul", { className: "kw-legend" });
+    const hover = el("p", { className: "kw-hover kw-muted" }, "Hover a kernel for its channel and label.");
+    Object.assign(parts, { filter, caption, image, overlay, frame, legend, hover, cells: [] });
+    parts.root = el("div", { className: "kw-sprite-view" }, parts.notes,
+      el("div", { className: "kw-controls" }, parts.slider, parts.stepLabel, filter), caption,
+      el("div", { className: "kw-sprite-row" }, el("div", {}, frame, hover), legend));
+    parts.applyFilter = () => {
+      for (const [box, cell] of parts.cells) box.classList.toggle("kw-dim", !!state.cluster && family(cell.label) !== state.cluster);
+    };
+    filter.addEventListener("change", () => {
+      state.cluster = filter.value;
+      saveSelection();
+      parts.applyFilter();
+    });
+  }, (step) => {
     state.step = step;
     saveSelection();
     drawSprite(node);
   });
-  sprites.set(node, parts);
-  return parts;
 }
 
 /** Wire a card's step slider: the label follows the thumb, ``parts.dragging`` holds while it is
@@ -685,28 +693,23 @@ const CHANNEL_COLOURS = ["#e15759", "#59a14f", "#4e79a7"];
 const firstLayers = new WeakMap();
 
 function firstLayerParts(node) {
-  let parts = firstLayers.get(node);
-  if (parts) return parts;
-  const slider = el("input", { type: "range", min: 0, max: 0, value: 0, className: "kw-slider", title: "First-layer snapshot" });
-  const stepLabel = el("span", { className: "kw-step" });
-  const image = el("img", { className: "kw-sprite kw-filter-grid" });
-  const figures = el("p", { className: "kw-caption kw-first-figures" });
-  const profile = el("div", { className: "kw-chart kw-profile" });
-  profile.style.height = "300px";
-  const reflections = el("div", { className: "kw-chart kw-reflections" });
-  reflections.style.height = "330px";
-  parts = { slider, stepLabel, image, figures, profile, reflections, notes: el("div"), steps: [], dragging: false, key: null };
-  parts.root = el("div", { className: "kw-first-layer-view" }, parts.notes,
-    el("div", { className: "kw-controls" }, slider, stepLabel), figures,
-    el("div", { className: "kw-first-row" }, el("div", {}, image), profile), reflections,
-    el("p", { className: "kw-caption" }, FIRST_LAYER_NOTE, " Reflections: what the filters say of the data " +
-      "(higher sharpness for sharper images, higher noise for noisier ones, a higher colour value for a stronger channel)."));
-  followSlider(slider, stepLabel, parts, (step) => {
+  return stepCardParts(firstLayers, node, "First-layer snapshot", (parts) => {
+    const image = el("img", { className: "kw-sprite kw-filter-grid" });
+    const figures = el("p", { className: "kw-caption kw-first-figures" });
+    const profile = el("div", { className: "kw-chart kw-profile" });
+    profile.style.height = "300px";
+    const reflections = el("div", { className: "kw-chart kw-reflections" });
+    reflections.style.height = "330px";
+    Object.assign(parts, { image, figures, profile, reflections });
+    parts.root = el("div", { className: "kw-first-layer-view" }, parts.notes,
+      el("div", { className: "kw-controls" }, parts.slider, parts.stepLabel), figures,
+      el("div", { className: "kw-first-row" }, el("div", {}, image), profile), reflections,
+      el("p", { className: "kw-caption" }, FIRST_LAYER_NOTE, " Reflections: what the filters say of the data " +
+        "(higher sharpness for sharper images, higher noise for noisier ones, a higher colour value for a stronger channel)."));
+  }, (step) => {
     state.firstStep = step;
     drawFirstLayer(node);
   });
-  firstLayers.set(node, parts);
-  return parts;
 }
 
 /** A colour from light to dark blue for the i-th of n snapshots (the latest darkest). */
