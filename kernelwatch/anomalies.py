@@ -164,7 +164,7 @@ def severity_at_least(anomaly: Anomaly, level: str) -> bool:
 def _shipped_null_level(kernel_size: int) -> float:
     from kernelwatch.spectrum import Spectrum  # imports torch; only needed here
 
-    return float(Spectrum.pretrained(kernel_size).provenance["shuffled_false_positive_rate"])
+    return float(Spectrum.pretrained_provenance(kernel_size)["shuffled_false_positive_rate"])
 
 
 def _null_level(layer: LayerReport, config: AnomalyConfig) -> float:

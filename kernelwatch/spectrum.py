@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from kernelwatch.classification import (
 from kernelwatch.errors import KernelWatchError
 from kernelwatch.kernel_sizes import SizeApproach, adapt, choose_approach, spectrum_size
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 #: Version of the spectrum file layout; bump on any incompatible change.
 SPECTRUM_FORMAT_VERSION = 1
 #: A decoded prototype gets a pattern name when some clean pattern of that family is at least
@@ -56,6 +59,28 @@ _VOTE_WINDOW = 10
 #: labels, the paper's threshold); for 3x3, k-means (section 5).
 METHODS = ("autoencoder", "kmeans", "paper")
 _FILES = {"autoencoder": "spectrum_k{k}.npz", "kmeans": "kmeans_k{k}.npz", "paper": "paper_k{k}.npz"}
+
+
+def _shipped_file(kernel_size: int, method: str) -> Traversable:
+    """The package's spectrum file of ``method`` that serves ``kernel_size`` kernels."""
+    if method not in METHODS:
+        raise KernelWatchError(f"unknown spectrum method {method!r}; expected one of {METHODS}")
+    kernel_size = spectrum_size(kernel_size)
+    if method == "paper" and kernel_size == 3:
+        method = "kmeans"
+    resource = resources.files("kernelwatch") / "data" / _FILES[method].format(k=kernel_size)
+    if not resource.is_file():
+        raise KernelWatchError(f"the package ships no {method} spectrum for {kernel_size}x{kernel_size} kernels")
+    return resource
+
+
+def _check_header(header: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    if header.get("format_version") != SPECTRUM_FORMAT_VERSION:
+        raise KernelWatchError(
+            f"spectrum file {path} has format version {header.get('format_version')}, "
+            f"this kernelwatch reads version {SPECTRUM_FORMAT_VERSION}"
+        )
+    return header
 
 
 def _hyperplane_basis(dim: int) -> torch.Tensor:
@@ -210,17 +235,23 @@ class Spectrum:
         central area (:mod:`kernelwatch.kernel_sizes`). ``method="paper"`` loads the paper's
         method (for 3x3 its k-means, section 5) to compare with.
         """
-        if method not in METHODS:
-            raise KernelWatchError(f"unknown spectrum method {method!r}; expected one of {METHODS}")
-        kernel_size = spectrum_size(kernel_size)
-        if method == "paper" and kernel_size == 3:
-            method = "kmeans"
-        name = _FILES[method].format(k=kernel_size)
-        resource = resources.files("kernelwatch") / "data" / name
-        if not resource.is_file():
-            raise KernelWatchError(f"the package ships no {method} spectrum for {kernel_size}x{kernel_size} kernels")
-        with resources.as_file(resource) as path:
+        with resources.as_file(_shipped_file(kernel_size, method)) as path:
             return cls.load(path)
+
+    @staticmethod
+    def pretrained_provenance(kernel_size: int = 5) -> dict[str, Any]:
+        """The provenance of the shipped spectrum that serves ``kernel_size`` kernels (how it
+        was trained, its measured null rates), read without loading its arrays.
+
+        >>> Spectrum.pretrained_provenance(7)["shuffled_false_positive_rate"] <= 0.03
+        True
+        """
+        with resources.as_file(_shipped_file(kernel_size, "autoencoder")) as path:
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    return _check_header(json.loads(str(data["header"])), path)["provenance"]
+            except (OSError, ValueError, KeyError) as err:
+                raise KernelWatchError(f"cannot read spectrum file {path}: {err}") from err
 
     @classmethod
     def load(cls, path: str | Path) -> Spectrum:
@@ -231,11 +262,7 @@ class Spectrum:
             header = json.loads(str(arrays.pop("header")))
         except (OSError, ValueError, KeyError) as err:
             raise KernelWatchError(f"cannot read spectrum file {path}: {err}") from err
-        if header.get("format_version") != SPECTRUM_FORMAT_VERSION:
-            raise KernelWatchError(
-                f"spectrum file {path} has format version {header.get('format_version')}, "
-                f"this kernelwatch reads version {SPECTRUM_FORMAT_VERSION}"
-            )
+        _check_header(header, path)
         weights = {key[len("weights/") :]: value for key, value in arrays.items() if key.startswith("weights/")}
         code_thresholds = arrays.get("code_thresholds")
         return cls(
