@@ -23,7 +23,8 @@ WHITE, GREY = [255, 255, 255], [150, 150, 150]
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """Minimal reader for the PNGs we write (8-bit RGB, filter 0), checking every CRC."""
+    """Minimal reader for the PNGs we write (8-bit RGB or palette, filter 0), checking every CRC;
+    RGB pixels either way."""
     assert data[:8] == PNG_SIGNATURE
     pos, chunks = 8, {}
     while pos < len(data):
@@ -33,10 +34,15 @@ def decode_png(data: bytes) -> np.ndarray:
         chunks[kind] = chunks.get(kind, b"") + body
         pos += 12 + length
     width, height, depth, colour_type = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, colour_type) == (8, 2) and b"IEND" in chunks
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, 1 + 3 * width)
+    assert depth == 8 and colour_type in (2, 3) and b"IEND" in chunks
+    channels = 3 if colour_type == 2 else 1
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, 1 + channels * width)
     assert (raw[:, 0] == 0).all()
-    return raw[:, 1:].reshape(height, width, 3)
+    if colour_type == 2:
+        return raw[:, 1:].reshape(height, width, 3)
+    palette = np.frombuffer(chunks[b"PLTE"], np.uint8).reshape(-1, 3)
+    assert len(palette) <= 256 and raw[:, 1:].max() < len(palette)
+    return palette[raw[:, 1:]]
 
 
 def hex_rgb(colour: str) -> list[int]:
@@ -44,8 +50,11 @@ def hex_rgb(colour: str) -> list[int]:
 
 
 def test_encode_png_round_trips():
-    rgb = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
     assert (decode_png(encode_png(rgb)) == rgb).all()
+    palette, indices = rng.integers(0, 256, (256, 3), dtype=np.uint8), rng.integers(0, 256, (7, 5), dtype=np.uint8)
+    assert (decode_png(encode_png(indices, palette)) == palette[indices]).all()
 
 
 def test_colour_map_is_diverging_and_centred_on_zero():
