@@ -9,6 +9,7 @@ kernel that can be clustered (and for all kernels with ``exact=True``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -22,6 +23,8 @@ from kernelwatch.errors import KernelWatchError
 _FLAT_TOLERANCE = 1e-6
 #: Slack on the block bounds, far above float32 rounding of unit dot products.
 _BOUND_SLACK = 1e-5
+#: Rows the search reduces at once: one buffer of products, small enough to stay in cache.
+_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -248,36 +251,51 @@ class PrototypeIndex:
     def _best_in_blocks(self, x: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best similarity of ``x[i]`` within block ``blocks[i]`` (sorted), and its column.
 
-        One matmul per block into a small reused buffer, reduced there while it is in cache."""
-        counts = torch.bincount(blocks, minlength=len(self.columns)).tolist()
-        buffer = torch.empty(max(counts, default=0), self.columns.shape[2], dtype=x.dtype, device=x.device)
+        One matmul per block into a reused buffer of rows, reduced a buffer at a time while
+        it is in cache."""
         sim = torch.empty(len(x), dtype=x.dtype, device=x.device)
         within = torch.empty(len(x), dtype=torch.long, device=x.device)
-        start = 0
-        for block, count in enumerate(counts):
-            if count:
-                part = slice(start, start + count)
-                torch.max(torch.mm(x[part], self.columns[block], out=buffer[:count]), dim=1, out=(sim[part], within[part]))
-                start += count
+        buffer = x.new_empty(min(len(x), _ROWS), self.columns.shape[2])
+        for block, start, stop, first in _block_runs(blocks, len(self.columns)):
+            torch.mm(x[start:stop], self.columns[block], out=buffer[start - first : stop - first])
+            if stop - first == len(buffer) or stop == len(x):
+                torch.max(buffer[: stop - first], dim=1, out=(sim[first:stop], within[first:stop]))
         return sim, within
 
     def _parts_within_reach(self, x_trig: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """Whether one of block ``blocks[i]``'s part cones is within reach of ``x_trig[rows[i]]``."""
-        counts = torch.bincount(blocks, minlength=len(self.columns)).tolist()
-        packed = torch.empty(max(counts, default=0), x_trig.shape[1], dtype=x_trig.dtype, device=x_trig.device)
+        """Whether one of block ``blocks[i]``'s (sorted) part cones is within reach of ``x_trig[rows[i]]``."""
         alive = torch.empty(len(rows), dtype=torch.bool, device=rows.device)
-        start = 0
-        for block, count in enumerate(counts):
-            if count:
-                part = slice(start, start + count)
-                gap = torch.index_select(x_trig, 0, rows[part], out=packed[:count]) @ self.part_columns[block]
-                torch.any((gap >= 0) & self.part_exists[block], dim=1, out=alive[part])
-                start += count
+        packed = x_trig.new_empty(min(len(rows), _ROWS), x_trig.shape[1])
+        gap = x_trig.new_empty(len(packed), self.part_columns.shape[2])
+        for block, start, stop, first in _block_runs(blocks, len(self.columns)):
+            if start == first:
+                torch.index_select(x_trig, 0, rows[first : first + len(packed)], out=packed[: min(len(packed), len(rows) - first)])
+            torch.mm(packed[start - first : stop - first], self.part_columns[block], out=gap[start - first : stop - first])
+            if stop - first == len(packed) or stop == len(rows):
+                exists = self.part_exists.index_select(0, blocks[first:stop])
+                torch.any((gap[: stop - first] >= 0) & exists, dim=1, out=alive[first:stop])
         return alive
 
     def _prototype(self, blocks: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
         """Index of the ``within``-th column of ``blocks`` (a padding column is the last prototype)."""
         return self.first[blocks] + torch.minimum(within, self.sizes[blocks] - 1)
+
+
+def _block_runs(blocks: torch.Tensor, n_blocks: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(block, start, stop, first)``: the runs of rows of each block in ``blocks`` (sorted),
+    cut at every multiple of :data:`_ROWS`; ``first`` is the first row of the run's buffer.
+
+    >>> list(_block_runs(torch.tensor([0, 0, 2]), 3))
+    [(0, 0, 2, 0), (2, 2, 3, 0)]
+    """
+    start = 0
+    for block, count in enumerate(torch.bincount(blocks, minlength=n_blocks).tolist()):
+        end = start + count
+        while start < end:
+            first = start - start % _ROWS
+            stop = min(end, first + _ROWS)
+            yield block, start, stop, first
+            start = stop
 
 
 def _row_max(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
