@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -255,26 +256,37 @@ class PrototypeIndex:
         it is in cache."""
         sim = torch.empty(len(x), dtype=x.dtype, device=x.device)
         within = torch.empty(len(x), dtype=torch.long, device=x.device)
-        buffer = x.new_empty(min(len(x), _ROWS), self.columns.shape[2])
-        for block, start, stop, first in _block_runs(blocks, len(self.columns)):
-            torch.mm(x[start:stop], self.columns[block], out=buffer[start - first : stop - first])
-            if stop - first == len(buffer) or stop == len(x):
+        n, columns = len(x), self._block_columns
+        size = min(n, _ROWS)
+        buffer = x.new_empty(size, self.columns.shape[2])
+        for block, start, stop, first in _block_runs(blocks, len(columns)):
+            torch.mm(x[start:stop], columns[block], out=buffer[start - first : stop - first])
+            if stop - first == size or stop == n:
                 torch.max(buffer[: stop - first], dim=1, out=(sim[first:stop], within[first:stop]))
         return sim, within
 
     def _parts_within_reach(self, x_trig: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Whether one of block ``blocks[i]``'s (sorted) part cones is within reach of ``x_trig[rows[i]]``."""
         alive = torch.empty(len(rows), dtype=torch.bool, device=rows.device)
-        packed = x_trig.new_empty(min(len(rows), _ROWS), x_trig.shape[1])
-        gap = x_trig.new_empty(len(packed), self.part_columns.shape[2])
-        for block, start, stop, first in _block_runs(blocks, len(self.columns)):
+        size, n, part_columns = min(len(rows), _ROWS), len(rows), self._block_part_columns
+        packed = x_trig.new_empty(size, x_trig.shape[1])
+        gap = x_trig.new_empty(size, self.part_columns.shape[2])
+        for block, start, stop, first in _block_runs(blocks, len(part_columns)):
             if start == first:
-                torch.index_select(x_trig, 0, rows[first : first + len(packed)], out=packed[: min(len(packed), len(rows) - first)])
-            torch.mm(packed[start - first : stop - first], self.part_columns[block], out=gap[start - first : stop - first])
-            if stop - first == len(packed) or stop == len(rows):
+                torch.index_select(x_trig, 0, rows[first : first + size], out=packed[: min(size, n - first)])
+            torch.mm(packed[start - first : stop - first], part_columns[block], out=gap[start - first : stop - first])
+            if stop - first == size or stop == n:
                 exists = self.part_exists.index_select(0, blocks[first:stop])
                 torch.any((gap[: stop - first] >= 0) & exists, dim=1, out=alive[first:stop])
         return alive
+
+    @cached_property
+    def _block_columns(self) -> tuple[torch.Tensor, ...]:
+        return self.columns.unbind(0)  # views made once: indexing costs as much as a small product
+
+    @cached_property
+    def _block_part_columns(self) -> tuple[torch.Tensor, ...]:
+        return self.part_columns.unbind(0)
 
     def _prototype(self, blocks: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
         """Index of the ``within``-th column of ``blocks`` (a padding column is the last prototype)."""
