@@ -9,6 +9,7 @@ orthogonality).
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import lru_cache
 from typing import Any
 
@@ -33,9 +34,14 @@ def family(labels: np.ndarray) -> np.ndarray:
 def cluster_proportions(labels: np.ndarray) -> dict[str, float]:
     """Share of all kernels in each cluster; unclustered and invalid kernels count in the total
     but in no cluster, so the shares sum to the clustered fraction (as in the paper's bar plots)."""
-    fams = family(labels)
-    n = max(len(fams), 1)
-    return {name: float(np.sum(fams == name)) / n for name in CLUSTERS}
+    per_family = dict.fromkeys(CLUSTERS, 0)
+    # Counted as Python strings: a layer has hundreds of kernels but a dozen labels.
+    for label, count in Counter(np.asarray(labels, dtype=str).tolist()).items():
+        name = label.split("/", 1)[0]
+        if name in per_family:
+            per_family[name] += count
+    n = max(len(labels), 1)
+    return {name: count / n for name, count in per_family.items()}
 
 
 def total_activation(kernels: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, float]]:
