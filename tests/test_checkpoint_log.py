@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
-from tensorboard.util import tensor_util
 
 from kernelwatch import cli
 from kernelwatch import format as fmt
@@ -18,39 +16,7 @@ from kernelwatch.errors import KernelWatchError
 from kernelwatch.monitor import KernelWatch
 from kernelwatch.update_lens import REFERENCE_FILE
 
-
-
-def net() -> torch.nn.Sequential:
-    """A stem, a 5x5 and a 3x3 depthwise conv (layers "1" and "3")."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1),
-        torch.nn.Conv2d(16, 16, 5, padding=2, groups=16),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16),
-    )
-
-
-def train_epoch(model: torch.nn.Module, epoch: int) -> None:
-    generator = torch.Generator().manual_seed(epoch)
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):
-        x = torch.randn(4, 3, 8, 8, generator=generator)
-        loss = (model(x) - x.mean(1, keepdim=True)).pow(2).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-
-
-def read(log_dir: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
-    """Every kernelwatch record under ``log_dir``: tag -> [(step, value)], as TensorBoard reads it."""
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
-    accumulator.Reload()
-    return {
-        tag: [(event.step, tensor_util.make_ndarray(event.tensor_proto)) for event in accumulator.Tensors(tag)]
-        for tag in accumulator.Tags()["tensors"]
-        if tag.startswith("kernelwatch/")
-    }
+from test_monitor import net, read, train_epoch
 
 
 def checkpoints(tmp_path: Path, epochs: int = 3) -> list[str]:

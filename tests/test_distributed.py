@@ -7,38 +7,23 @@ must equal a single-process run of the same training (tests/scripts/monitor_run.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
-from tensorboard.util import tensor_util
 
 from kernelwatch.update_lens import REFERENCE_FILE
+
+from tensorboard_server import free_port
+from test_monitor import read
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "monitor_run.py"
 ROOT = SCRIPT.parents[2]
 # One thread per process: two ranks share this runner's cores.
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 STEPS = [0, 2, 4, 5]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read(log_dir: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
-    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
-    acc.Reload()
-    return {
-        tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
-        for tag in acc.Tags()["tensors"]
-    }
 
 
 def run(command: list[str]) -> str:
@@ -51,7 +36,7 @@ def run(command: list[str]) -> str:
 def single(tmp_path_factory) -> dict:
     log_dir = tmp_path_factory.mktemp("single")
     assert f"rank 0 steps {STEPS}" in run([sys.executable, str(SCRIPT), str(log_dir), "ddp"])
-    return read(log_dir)
+    return read(log_dir, prefix="")
 
 
 @pytest.mark.slow
@@ -68,7 +53,7 @@ def test_two_ranks_one_writer_same_results(tmp_path, single, mode):
     files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     # One event file and the update lens's reference, both from the main process.
     assert len(files) == 2 and files[0].startswith("events.out.tfevents.") and files[1] == REFERENCE_FILE
-    records = read(tmp_path)
+    records = read(tmp_path, prefix="")
     assert records.keys() == single.keys() and len(records) > 30
     for tag, series in single.items():
         assert [step for step, _ in records[tag]] == [step for step, _ in series], tag

@@ -24,6 +24,8 @@ from kernelwatch.sprites import PNG_SIGNATURE
 from kernelwatch.summary import format_summary, summarise
 from kernelwatch.writing import EventWriter
 
+import test_plugin_backend as backend
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +37,6 @@ def _load(name: str, path: Path):
     return module
 
 
-backend = _load("test_plugin_backend", Path(__file__).with_name("test_plugin_backend.py"))
 
 
 def stem_net() -> nn.Module:

@@ -71,14 +71,15 @@ def layer_tags() -> set[str]:
     return tags | {fmt.make_tag(fmt.QUALITY, layer) for layer in CONVS} | {fmt.make_tag(fmt.ANOMALIES)}
 
 
-def read(log_dir: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
-    """Every kernelwatch record under ``log_dir``: tag -> [(step, value)], as TensorBoard reads it."""
+def read(log_dir: Path, prefix: str = "kernelwatch/") -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Every record under ``log_dir`` whose tag starts with ``prefix`` (default: kernelwatch's
+    own, "": the stock scalars too): tag -> [(step, value)], as TensorBoard reads it."""
     acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
     acc.Reload()
     return {
         tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
         for tag in acc.Tags()["tensors"]
-        if tag.startswith("kernelwatch/")
+        if tag.startswith(prefix)
     }
 
 

@@ -8,37 +8,23 @@ Python package; the browser is never downloaded by a tool. Screenshots are saved
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+import test_plugin_backend as backend
+from tensorboard_server import TensorBoard
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("KERNELWATCH_ARTIFACTS", ROOT / "artifacts"))
 CHROMIUM = shutil.which("chromium")
-
-
-def _backend_tests():
-    # --import-mode=importlib: sibling test modules are not importable by name.
-    path = Path(__file__).with_name("test_plugin_backend.py")
-    spec = importlib.util.spec_from_file_location("test_plugin_backend", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-backend = _backend_tests()
 
 #: A layer name holding a right-to-left override: shown raw, it would read "blocks.3.conv_dw".
 BIDI_LAYER = "blocks.3.\u202ewd_vnoc"
@@ -80,48 +66,6 @@ def write_emerging(writer, steps, layers=EMERGING_LAYERS) -> None:
                 report = analyze_layer(layer, torch.from_numpy(update).float(), spectrum, activation=False)
                 writer.write_layer(step, report, update, lens=backend.fmt.UPDATE, order=order)
         writer.flush()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class TensorBoard:
-    """``tensorboard`` on a free loopback port; ``url`` is its root (with any path prefix)."""
-
-    def __init__(self, logdir: Path, *extra: str):
-        self.port = free_port()
-        prefix = next((a.split("=", 1)[1] for a in extra if a.startswith("--path_prefix=")), "")
-        self.url = f"http://127.0.0.1:{self.port}{prefix}"
-        command = [str(Path(sys.executable).with_name("tensorboard")), "--logdir", str(logdir),
-                   "--port", str(self.port), "--host", "127.0.0.1", *extra]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def wait_for(self, route: str, ready, timeout: float = 40) -> dict:
-        """Poll a plugin route until ``ready(body)``; the fast loader reads logs in the background."""
-        deadline, body = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tensorboard exited: {self.process.stderr.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/data/plugin/kernelwatch/{route}", timeout=5) as response:
-                    body = json.loads(response.read())
-                if ready(body):
-                    return body
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"{route} not ready after {timeout} s; last answer {body}")
-
-    def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def write_e2e_logs(root: Path) -> Path:

@@ -15,14 +15,8 @@ The tests before them check the validation and the write-time rules without Tens
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -38,20 +32,11 @@ from kernelwatch import reading
 from kernelwatch.errors import KernelWatchError
 from kernelwatch.sprites import kernel_sprite, spectrum_strip
 
+import test_plugin_backend as backend
+from tensorboard_server import TensorBoard
+
 ROUTE_SECONDS = 5.0
 MAX_JSON = 1_000_000
-
-
-def _backend_tests():
-    # --import-mode=importlib: sibling test modules are not importable by name.
-    path = Path(__file__).with_name("test_plugin_backend.py")
-    spec = importlib.util.spec_from_file_location("test_plugin_backend", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-backend = _backend_tests()
 DW = backend.DW
 
 # -- hand-made records ------------------------------------------------------------------------
@@ -486,56 +471,6 @@ def test_an_unexpected_error_is_a_logged_4xx(tmp_path, monkeypatch, caplog):
 
 
 # -- a real TensorBoard on a hostile log directory --------------------------------------------
-
-
-class TensorBoard:
-    def __init__(self, logdir: Path):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.base = f"http://127.0.0.1:{port}/data/plugin/kernelwatch"
-        command = [str(Path(sys.executable).with_name("tensorboard")), "--logdir", str(logdir), "--port", str(port),
-                   "--host", "127.0.0.1", f"--samples_per_plugin={fmt.PLUGIN_NAME}=0"]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def get(self, route: str) -> tuple[int, bytes, str, float]:
-        """Status, body, content type and seconds of one GET."""
-        start = time.perf_counter()
-        try:
-            with self._opener.open(f"{self.base}/{route}", timeout=30) as response:
-                status, body, kind = response.status, response.read(), response.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as err:
-            status, body, kind = err.code, err.read(), err.headers.get("Content-Type", "")
-        return status, body, kind, time.perf_counter() - start
-
-    def json(self, route: str) -> dict:
-        status, body, _, _ = self.get(route)
-        assert status == 200, (route, status, body[:300])
-        return json.loads(body)
-
-    def wait_for(self, route: str, ready, timeout: float = 90) -> dict:
-        deadline, body = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tensorboard exited: {self.process.stderr.read()[-2000:]}")
-            try:
-                status, raw, _, _ = self.get(route)
-                body = json.loads(raw) if status == 200 else None
-                if body is not None and ready(body):
-                    return body
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{route} not ready after {timeout} s; last answer {str(body)[:500]}")
-
-    def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def q(value: str) -> str:
