@@ -285,7 +285,7 @@ def _report_command(args: argparse.Namespace) -> None:
             f"   {limit_init.mean():>18.3f} {limit_trained.mean():>8.3f} "
             f"{int((limit_trained > limit_init).sum()):>9}/{len(init)}"
         )
-    print(f"\nthe first three pairs, by the lowest whitening (against its data) of a set's trained stems")
+    print("\nthe first three pairs, by the lowest whitening (against its data) of a set's trained stems")
     for above, sets in by_whitening.items():
         oks = np.array(sets, dtype=bool).reshape(-1, 3)
         counts = ", ".join(f"{name} {int(oks[:, i].sum())}/{len(oks)}" for i, (name, _, _) in enumerate(PAIRS[:3]))

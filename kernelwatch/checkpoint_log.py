@@ -31,14 +31,14 @@ from kernelwatch.errors import KernelWatchError
 from kernelwatch.extraction import (
     MAX_KERNEL_VALUES,
     DepthwiseKernels,
-    _bare_key,
+    bare_key,
     extract_depthwise,
     iter_conv_weights,
     load_checkpoint,
 )
 from kernelwatch.first_layer import find_stem
+from kernelwatch.format import check_step
 from kernelwatch.kernel_sizes import unservable_reason
-from kernelwatch.monitor import _check_step
 from kernelwatch.snapshot import SpectrumCache, StemInput, write_snapshot
 from kernelwatch.update_lens import REFERENCE_FILE, UpdateReference
 from kernelwatch.writing import EventWriter
@@ -65,7 +65,7 @@ class CheckpointLog:
     def add(self, step: int, model_or_checkpoint: Any) -> AnalysisReport:
         """Write the snapshot of a model, state dict or checkpoint path at ``step`` (later than
         the previous one's); returns its weights-lens report."""
-        step = _check_step(step)
+        step = check_step(step)
         if self._last_step is not None and step <= self._last_step:
             raise KernelWatchError(f"steps must increase: step {step} follows step {self._last_step}")
         kernels, conv_weights = _kernels_and_conv_weights(model_or_checkpoint)
@@ -90,7 +90,7 @@ class CheckpointLog:
         self._last_step = step
         self.anomalies.extend(written.anomalies)
         skipped = dict(kernels.unsupported)
-        skipped.update((name, _no_spectrum(k)) for name, k in written.no_spectrum.items())
+        skipped.update((name, unservable_reason(k)) for name, k in written.no_spectrum.items())
         return AnalysisReport(list(written.reports.values()), skipped)
 
     def close(self) -> None:
@@ -111,7 +111,7 @@ def _kernels_and_conv_weights(target: Any) -> tuple[DepthwiseKernels, dict[str, 
         return extract_depthwise(target), {name: weight.detach() for name, _, weight in convs}
     state_dict = load_checkpoint(target) if isinstance(target, (str, os.PathLike)) else target
     conv_weights = {
-        _bare_key(key.removesuffix(".weight")): weight
+        bare_key(key.removesuffix(".weight")): weight
         for key, weight in state_dict.items()
         if key.endswith("weight") and _is_plain_conv_weight(weight)
     }

@@ -105,7 +105,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
         content = _torch_load(name)
     except Exception as exc:  # torch.load reports damaged files through many unrelated exception types
         raise KernelWatchError(f"cannot load checkpoint {name!r}: {_load_failure_reason(exc)}") from exc
-    return _state_dict_of(content, f"checkpoint {name!r}")
+    return state_dict_of(content, f"checkpoint {name!r}")
 
 
 def _torch_load(path: str) -> object:
@@ -161,7 +161,7 @@ def extract_depthwise(
     elif isinstance(model_or_state_dict, (str, os.PathLike)):
         kernels = _from_state_dict(load_checkpoint(model_or_state_dict))
     elif isinstance(model_or_state_dict, Mapping):
-        kernels = _from_state_dict(_state_dict_of(model_or_state_dict, "state dict"))
+        kernels = _from_state_dict(state_dict_of(model_or_state_dict, "state dict"))
     else:
         raise KernelWatchError(
             "extract_depthwise expects an nn.Module, a state dict or a checkpoint path, "
@@ -208,7 +208,7 @@ def iter_conv_weights(
     # FSDP1 holds flat shards between forward passes; the layers' weights exist only once gathered.
     gathered = _FSDP.summon_full_params(model, writeback=False) if has_fsdp1 else nullcontext()
     with gathered:
-        for name, module in _bare_named_modules(model):
+        for name, module in bare_named_modules(model):
             if isinstance(module, nn.modules.conv._ConvNd) and (select is None or select(module)):
                 weight = module.weight
                 if isinstance(weight, _DTensor):
@@ -216,7 +216,7 @@ def iter_conv_weights(
                 yield name, module, weight
 
 
-def _bare_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def bare_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``model.named_modules()`` with wrapper levels removed from the names."""
     bare_names: dict[str, str] = {}
     modules: dict[str, nn.Module] = {}
@@ -232,7 +232,7 @@ def _bare_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield bare_names[name], module
 
 
-def _state_dict_of(content: object, source: str) -> Mapping[str, torch.Tensor]:
+def state_dict_of(content: object, source: str) -> Mapping[str, torch.Tensor]:
     unwrapped = set()  # a pickle can hold a dict inside itself
     while isinstance(content, Mapping) and id(content) not in unwrapped:
         unwrapped.add(id(content))
@@ -261,11 +261,11 @@ def _from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> DepthwiseKernels
         # Non-float and 1x1 ones too, so that they are reported as left out rather than silently missed.
         per_channel = weight.ndim in (4, 5) and shape[0] > 1 and shape[1] == 1 and shape[2:].numel() > 0
         if key.endswith("weight") and per_channel:
-            kernels.add(_bare_key(key.removesuffix(".weight")), weight)
+            kernels.add(bare_key(key.removesuffix(".weight")), weight)
     return kernels
 
 
-def _bare_key(name: str) -> str:
+def bare_key(name: str) -> str:
     parts = name.split(".")
     # DDP and DataParallel only ever add "module." in front; a "module" deeper is a real layer name.
     while parts and (parts[0] in _WRAPPER_ATTRS or parts[0] == "module"):

@@ -117,9 +117,9 @@ def find_stem(model: nn.Module) -> tuple[str, nn.Conv2d]:
     >>> find_stem(model)[0]
     '0'
     """
-    from kernelwatch.extraction import _bare_named_modules
+    from kernelwatch.extraction import bare_named_modules
 
-    for name, module in _bare_named_modules(model):
+    for name, module in bare_named_modules(model):
         if isinstance(module, nn.Conv2d):
             return name, module
     raise KernelWatchError(f"no nn.Conv2d in {type(model).__name__}: the first-layer lens needs a convolutional stem")
@@ -127,11 +127,11 @@ def find_stem(model: nn.Module) -> tuple[str, nn.Conv2d]:
 
 def _stem_of_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
     """The first ``[O, C, kh, kw]`` floating-point ``*weight`` entry: state dicts keep registration order."""
-    from kernelwatch.extraction import _bare_key
+    from kernelwatch.extraction import bare_key
 
     for key, weight in state_dict.items():
         if key.endswith("weight") and weight.ndim == 4 and weight.is_floating_point():
-            return _bare_key(key.removesuffix(".weight")), weight
+            return bare_key(key.removesuffix(".weight")), weight
     raise KernelWatchError("the state dict holds no 4-D convolution weight: the first-layer lens needs a convolutional stem")
 
 
@@ -428,7 +428,7 @@ def analyze_first_layer(
     >>> report.layer, report.source, report.n_patches
     ('0', 'data', 784)
     """
-    from kernelwatch.extraction import _state_dict_of, load_checkpoint
+    from kernelwatch.extraction import state_dict_of, load_checkpoint
 
     if isinstance(model_or_checkpoint, nn.Module):
         layer, conv = find_stem(model_or_checkpoint)
@@ -437,7 +437,7 @@ def analyze_first_layer(
         layer, weight = _stem_of_state_dict(load_checkpoint(model_or_checkpoint))
         stride = (1, 1)
     elif isinstance(model_or_checkpoint, Mapping):
-        layer, weight = _stem_of_state_dict(_state_dict_of(model_or_checkpoint, "state dict"))
+        layer, weight = _stem_of_state_dict(state_dict_of(model_or_checkpoint, "state dict"))
         stride = (1, 1)
     else:
         raise KernelWatchError(

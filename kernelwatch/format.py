@@ -73,6 +73,8 @@ ACTIVATION_STATS = ("count", "mean", "q1", "median", "q3")
 HISTOGRAM_ROWS = ("clustered", "unclustered")
 QUALITY_METRICS = ("sparsity", "variance_entropy", "orthogonality")
 SEVERITIES = ("info", "warning", "error")
+#: Steps are TensorBoard's int64 event steps, and not negative.
+MAX_STEP = 2**63 - 1
 ANOMALY_KEYS = ("layer", "kind", "severity", "message", "numbers")
 
 #: Per kind: data class, what the tag's subject is, and its content fields in the current version.
@@ -182,6 +184,20 @@ def unkeyable(name: str) -> str | None:
     """
     match = _UNKEYABLE.search(name)
     return match.group() if match else None
+
+
+def check_step(step: Any) -> int:
+    """``step`` as an int, if it is an integer TensorBoard can hold as a step and not negative.
+
+    >>> check_step(np.int64(3))
+    3
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise KernelWatchError(f"step must be an integer, got {step!r}")
+    step = int(step)
+    if not 0 <= step <= MAX_STEP:
+        raise KernelWatchError(f"step must be >= 0 and < 2**63 (TensorBoard's steps are int64), got {step}")
+    return step
 
 
 def make_tag(kind: str, subject: str | int | None = None, lens: str = WEIGHTS) -> str:

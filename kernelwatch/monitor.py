@@ -39,7 +39,7 @@ from kernelwatch.extraction import (
     iter_conv_weights,
     unsupported_reason,
 )
-from kernelwatch.format import SEVERITIES
+from kernelwatch.format import SEVERITIES, check_step
 from kernelwatch.input_sample import InputSample, PatchSampler, sample_patches
 from kernelwatch.snapshot import DetailCadence, SpectrumCache, StemInput, write_snapshot
 from kernelwatch.update_lens import UpdateReference
@@ -49,8 +49,6 @@ logger = logging.getLogger("kernelwatch")
 
 #: Version of :meth:`KernelWatch.state_dict`.
 STATE_VERSION = 1
-#: Steps are TensorBoard's int64 event steps, and not negative.
-MAX_STEP = 2**63 - 1
 _LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _STOP = object()
 
@@ -229,7 +227,7 @@ class KernelWatch:
         device, and while the queue is full (``queue_size`` snapshots waiting)."""
         self._check_open()
         self._deliver()
-        step = _check_step(step)
+        step = check_step(step)
         if self._last_step is not None and step <= self._last_step:
             self._skip(step)
             return False
@@ -246,7 +244,7 @@ class KernelWatch:
         """Snapshot the final weights (unless ``step`` was snapshotted already), then :meth:`close`."""
         self._check_open()
         self._deliver()
-        step = _check_step(step)
+        step = check_step(step)
         if self._last_step is None or step > self._last_step:
             self.snapshot(model, step, force=True)
         elif step == self._last_step and self._last_model is not None:
@@ -308,7 +306,7 @@ class KernelWatch:
             steps = [int(s) for s in state["steps"]]
             anomalies = state["anomalies"]
             sizes = {str(name): (int(h), int(w)) for name, (h, w) in (state.get("kernel_sizes") or {}).items()}
-            last_step = None if last_step is None else _check_step(last_step)
+            last_step = None if last_step is None else check_step(last_step)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise KernelWatchError(f"not a KernelWatch state: {err!r}") from err
         self._detector.load_state_dict(anomalies)
@@ -683,21 +681,12 @@ def _schedule(
         wanted = frozenset(log_schedule(total_epochs, n_snapshots))
     else:
         try:
-            wanted = frozenset(_check_step(step) for step in schedule)
+            wanted = frozenset(check_step(step) for step in schedule)
         except TypeError as err:
             raise KernelWatchError(f"schedule must be 'log' or a list of integer steps, got {schedule!r}") from err
         except KernelWatchError as err:
             raise KernelWatchError(f"schedule={schedule!r}: {err}") from err
     return wanted.__contains__
-
-
-def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-        raise KernelWatchError(f"step must be an integer, got {step!r}")
-    step = int(step)
-    if not 0 <= step <= MAX_STEP:
-        raise KernelWatchError(f"step must be >= 0 and < 2**63 (TensorBoard's steps are int64), got {step}")
-    return step
 
 
 def _caused_by_os_error(err: BaseException | None) -> bool:

@@ -136,6 +136,17 @@ def test_a_checkpoint_without_depthwise_layers_stops_the_run_with_its_step(tmp_p
     assert "step 1 (" in err and "no depthwise convolutions found" in err and "holds the steps before" in err
 
 
+def test_an_even_sized_layer_is_skipped_with_its_reason_and_the_others_written(tmp_path):
+    model = torch.nn.Sequential(*net(), torch.nn.Conv2d(16, 16, 4, padding=2, groups=16))  # layer "4": 4x4
+    with CheckpointLog(tmp_path / "run") as run:
+        report = run.add(0, model)
+    assert [layer.name for layer in report.layers] == ["1", "3"]
+    assert set(report.skipped) == {"4"} and "4x4" in report.skipped["4"]
+    tags = set(read(tmp_path / "run"))
+    assert {fmt.make_tag(fmt.PROPORTIONS, layer) for layer in ("1", "3")} <= tags
+    assert fmt.make_tag(fmt.PROPORTIONS, "4") not in tags
+
+
 def test_steps_must_increase_in_the_api(tmp_path):
     with CheckpointLog(tmp_path / "run") as run:
         run.add(5, net())
