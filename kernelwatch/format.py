@@ -492,7 +492,10 @@ SPECTRUM_INFO: dict[str, Any] = {
     "threshold": _NUMBER,
     "method": _NAME,
     "n_codes": _NUMBER,
-    "intervals": [{"label": _NAME, "start": _NUMBER, "end": _NUMBER}],
+    # The thresholds within each interval (a spectrum may set them per family or per code).
+    "intervals": [
+        {"label": _NAME, "start": _NUMBER, "end": _NUMBER, "threshold_min": _Optional(_NUMBER), "threshold_max": _Optional(_NUMBER)}
+    ],
     "strip": {
         **_GRID,
         "n_prototypes": _NUMBER,

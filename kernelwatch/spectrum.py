@@ -462,7 +462,19 @@ class Spectrum:
 
     def intervals(self) -> list[tuple[str, float, float]]:
         """Runs of equal labels along the code axis: ``(label, first code, last code)``."""
-        change = np.flatnonzero(self.labels[1:] != self.labels[:-1]) + 1
-        starts = np.concatenate([[0], change])
-        ends = np.concatenate([change, [len(self.labels)]]) - 1
-        return [(str(self.labels[s]), float(self.codes[s]), float(self.codes[e])) for s, e in zip(starts, ends)]
+        return [(str(self.labels[s]), float(self.codes[s]), float(self.codes[e - 1])) for s, e in self._runs()]
+
+    def interval_thresholds(self) -> list[tuple[float, float]]:
+        """The lowest and highest threshold of each of :meth:`intervals`' runs.
+
+        >>> spec = Spectrum.pretrained(7)
+        >>> len(spec.interval_thresholds()) == len(spec.intervals())
+        True
+        """
+        thresholds = self.prototype_thresholds
+        return [(float(thresholds[s:e].min()), float(thresholds[s:e].max())) for s, e in self._runs()]
+
+    def _runs(self) -> list[tuple[int, int]]:
+        """``[start, end)`` of each run of equal labels along the code axis."""
+        change = (np.flatnonzero(self.labels[1:] != self.labels[:-1]) + 1).tolist()
+        return list(zip([0, *change], [*change, len(self.labels)]))

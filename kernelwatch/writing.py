@@ -153,7 +153,10 @@ class EventWriter:
             "threshold": float(spectrum.threshold),
             "method": spectrum.method,
             "n_codes": spectrum.n_codes,
-            "intervals": [{"label": label, "start": a, "end": b} for label, a, b in spectrum.intervals()],
+            "intervals": [
+                {"label": label, "start": a, "end": b, "threshold_min": low, "threshold_max": high}
+                for (label, a, b), (low, high) in zip(spectrum.intervals(), spectrum.interval_thresholds())
+            ],
             "strip": layout,
         }
         self._write(step, [self._blobs(fmt.SPECTRUM, None, [png, fmt.encode_json(info)], kernel_size=k)])

@@ -189,6 +189,9 @@ def test_dashboard_renders_charts_and_sprites(browser, tensorboard):
     assert frame.eval_on_selector("#kw-sprite img", "img => img.naturalWidth") > 100
     frame.wait_for_selector("#kw-spectrum .kw-chart[data-intervals] canvas")
     frame.wait_for_selector("#kw-spectrum img[data-loaded='1']")
+    # The shipped spectra set thresholds per family (5x5) and per code (3x3): the range is shown.
+    headings = frame.eval_on_selector_all("#kw-spectrum h3", "hs => hs.map(h => h.textContent)")
+    assert headings and all("set per pattern" in h for h in headings), headings
     # The charts drew something: canvases are not blank.
     blank = "c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;" \
             " for (let i = 3; i < d.length; i += 4) if (d[i]) return false; return true; }"  # fmt: skip

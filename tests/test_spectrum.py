@@ -172,6 +172,21 @@ def test_intervals_cover_the_code_axis():
     assert all(a[0] != b[0] for a, b in zip(intervals, intervals[1:]))
 
 
+@pytest.mark.parametrize("k", [3, 7])
+def test_interval_thresholds_are_those_of_their_codes(k):
+    spec = kw.Spectrum.pretrained(kernel_size=k)
+    bounds = spec.interval_thresholds()
+    thresholds = spec.prototype_thresholds
+    assert len(bounds) == len(spec.intervals()) and all(low <= high for low, high in bounds)
+    assert min(low for low, _ in bounds) == thresholds.min() and max(high for _, high in bounds) == thresholds.max()
+    if k == 7:  # one threshold per family: each interval holds one
+        family = lambda label: label.split("/")[0]  # noqa: E731
+        expected = [spec.family_thresholds.get(family(label), spec.threshold) for label, _, _ in spec.intervals()]
+        assert bounds == [(t, t) for t in expected]
+    else:  # one per code: 3x3's intervals hold several
+        assert any(low < high for low, high in bounds)
+
+
 @pytest.mark.parametrize("k", [5, 7])
 def test_every_family_of_the_independent_generator_is_recognised(k):
     spec = kw.Spectrum.pretrained(kernel_size=k)

@@ -144,6 +144,7 @@ def check_blobs(run, info: fmt.RecordInfo, step: int, blobs: list[bytes]) -> Non
         assert png_size(named["png"]) == (meta["strip"]["width"], meta["strip"]["height"])
         assert meta["threshold"] == spectrum.threshold and meta["n_codes"] == spectrum.n_codes
         assert [(i["label"], i["start"], i["end"]) for i in meta["intervals"]] == spectrum.intervals()
+        assert [(i["threshold_min"], i["threshold_max"]) for i in meta["intervals"]] == spectrum.interval_thresholds()
         assert all(cell["code"] == pytest.approx(spectrum.codes[cell["index"]]) for cell in meta["strip"]["cells"])
 
 

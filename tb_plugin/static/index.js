@@ -642,6 +642,22 @@ function drawAnomalies(node, data, onPick) {
   wrap.scrollTop = scrolled;
 }
 
+/** "a–b", or "a" when both are one number; "" without numbers (logs written before thresholds per interval). */
+function thresholdRange(low, high) {
+  if (!Number.isFinite(low) || !Number.isFinite(high)) return "";
+  return low === high ? num(low) : `${num(low)}–${num(high)}`;
+}
+
+/** The thresholds a spectrum applies: the range over its intervals (set per family or per code),
+ * else its one threshold. */
+function thresholdText(info) {
+  const known = info.intervals.filter((iv) => thresholdRange(iv.threshold_min, iv.threshold_max));
+  if (!known.length) return `threshold ${num(info.threshold)} (1 − cos)`;
+  const low = Math.min(...known.map((iv) => iv.threshold_min));
+  const high = Math.max(...known.map((iv) => iv.threshold_max));
+  return low === high ? `threshold ${num(low)} (1 − cos)` : `thresholds ${num(low)}–${num(high)} (1 − cos), set per pattern`;
+}
+
 /** 5. Each spectrum strip with its labelled intervals along the code axis. */
 function drawSpectra(node, run, data) {
   const notes = [errorList(data.errors)];
@@ -662,7 +678,7 @@ function drawSpectra(node, run, data) {
     const box = el("div", { className: "kw-chart" });
     box.style.height = "64px";
     const codes = Number.isFinite(Number(info.n_codes)) ? Number(info.n_codes).toLocaleString("en") : shown(info.n_codes);
-    node.append(el("h3", {}, `${k}x${k} kernels — ${shown(info.method)}, ${codes} codes, threshold ${num(info.threshold)} (1 − cos)`),
+    node.append(el("h3", {}, `${k}x${k} kernels — ${shown(info.method)}, ${codes} codes, ${thresholdText(info)}`),
       image, box,
       el("p", { className: "kw-caption" }, "Prototypes along the code axis; the band and the bar below colour each stretch by pattern family."));
     const series = info.intervals.map((iv) => ({
@@ -674,7 +690,11 @@ function drawSpectra(node, run, data) {
     const percent = (px) => `${(100 * px) / strip.width}%`;
     chartOf(box).setOption({
       animation: false,
-      tooltip: { renderMode: "richText", formatter: (p) => `${p.seriesName}\ncode ${fixed(info.intervals[p.seriesIndex].start)}–${fixed(info.intervals[p.seriesIndex].end)}` },
+      tooltip: { renderMode: "richText", formatter: (p) => {
+        const iv = info.intervals[p.seriesIndex];
+        const within = thresholdRange(iv.threshold_min, iv.threshold_max);
+        return `${p.seriesName}\ncode ${fixed(iv.start)}–${fixed(iv.end)}` + (within ? `\nthreshold ${within}` : "");
+      } },
       grid: { left: percent(strip.band.x), right: percent(strip.width - strip.band.x - strip.band.width), top: 4, bottom: 28 },
       xAxis: { type: "value", min: 0, max: 1, name: "code", nameLocation: "middle", nameGap: 18 },
       yAxis: { type: "category", data: ["intervals"], show: false },
