@@ -428,7 +428,7 @@ def analyze_first_layer(
     >>> report.layer, report.source, report.n_patches
     ('0', 'data', 784)
     """
-    from kernelwatch.extraction import state_dict_of, load_checkpoint
+    from kernelwatch.extraction import load_checkpoint, state_dict_of
 
     if isinstance(model_or_checkpoint, nn.Module):
         layer, conv = find_stem(model_or_checkpoint)

@@ -494,7 +494,13 @@ SPECTRUM_INFO: dict[str, Any] = {
     "n_codes": _NUMBER,
     # The thresholds within each interval (a spectrum may set them per family or per code).
     "intervals": [
-        {"label": _NAME, "start": _NUMBER, "end": _NUMBER, "threshold_min": _Optional(_NUMBER), "threshold_max": _Optional(_NUMBER)}
+        {
+            "label": _NAME,
+            "start": _NUMBER,
+            "end": _NUMBER,
+            "threshold_min": _Optional(_NUMBER),
+            "threshold_max": _Optional(_NUMBER),
+        }
     ],
     "strip": {
         **_GRID,

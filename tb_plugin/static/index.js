@@ -655,7 +655,9 @@ function thresholdText(info) {
   if (!known.length) return `threshold ${num(info.threshold)} (1 − cos)`;
   const low = Math.min(...known.map((iv) => iv.threshold_min));
   const high = Math.max(...known.map((iv) => iv.threshold_max));
-  return low === high ? `threshold ${num(low)} (1 − cos)` : `thresholds ${num(low)}–${num(high)} (1 − cos), set per pattern`;
+  return low === high
+    ? `threshold ${num(low)} (1 − cos)`
+    : `thresholds ${num(low)}–${num(high)} (1 − cos), set per pattern`;
 }
 
 /** 5. Each spectrum strip with its labelled intervals along the code axis. */
