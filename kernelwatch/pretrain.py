@@ -247,7 +247,7 @@ def calibrate_family_thresholds(
     kernels clustered under the two null bounds of :func:`_null_sets`, by a Lagrange multiplier
     found by bisection. Returns the thresholds and the null figures behind them.
     """
-    names, family_index = np.unique([str(label).split("/")[0] for label in spectrum.labels], return_inverse=True)
+    names, family_index = spectrum.families
     thresholds, stats = calibrate_group_thresholds(spectrum, family_index, real, seed)
     return {str(name): float(t) for name, t in zip(names, thresholds)}, stats
 

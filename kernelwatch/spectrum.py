@@ -392,7 +392,7 @@ class Spectrum:
         return self._device_indexes[device]
 
     @cached_property
-    def _families(self) -> tuple[np.ndarray, np.ndarray]:
+    def families(self) -> tuple[np.ndarray, np.ndarray]:
         """The distinct families of the codes, and each code's index into them."""
         return np.unique([str(label).split("/")[0] for label in self.labels], return_inverse=True)
 
@@ -402,7 +402,7 @@ class Spectrum:
         else :attr:`threshold`."""
         if self.code_thresholds is not None:
             return self.code_thresholds
-        names, which = self._families
+        names, which = self.families
         return np.array([self.family_thresholds.get(str(name), self.threshold) for name in names], np.float64)[which]
 
     def approach_for(self, kernels: np.ndarray | torch.Tensor) -> SizeApproach:
