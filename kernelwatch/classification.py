@@ -224,7 +224,7 @@ class PrototypeIndex:
         any_whole_turn = bool(whole_turn.any())
         block_reach = -torch.stack([self.radii.cos(), self.radii.sin()])
         pairs = []
-        for offset, (c, part_position, part_first) in enumerate(zip(cos, position.split(chunk), first.split(chunk))):
+        for c, part_position, part_first in zip(cos, position.split(chunk), first.split(chunk)):
             candidate = c.addmm_(trig[part_position], block_reach) >= 0
             if any_whole_turn:
                 candidate |= whole_turn[part_position, None]
