@@ -13,16 +13,18 @@
    worker's thread CPU clock, and the training thread's inside ``snapshot()``; it sleeps
    meanwhile). The mean over the cycle, ``close()`` (which completes the last snapshot; the
    process's CPU) added, is the cost per snapshot. The whole process's CPU over the same
-   stretch is printed beside it: it also holds torch's OpenMP threads, which spin on for
-   milliseconds after the forward pass and after the snapshot's weight copies, and which in
-   a training would run its next operations instead.
+   stretch is printed beside it, and less the process's CPU over the same stretch without a
+   watch (the same perturbation and forward pass, then a sleep as long as the watch took):
+   torch's OpenMP threads spin on for milliseconds after the forward pass either way, and
+   after the snapshot's weight copies, time that in a training would run its next operations.
 2. overhead: ``convnext_atto`` trained on every core (batch 32, 64 px, ``--steps`` per epoch,
    a snapshot after every epoch and one before training), three arms in one process: no
    monitor, KernelWatch (``close()`` included), and TensorBoard's ``add_histogram`` of every
    parameter every epoch (what users log by default). The arms' order rotates each repeat;
    ratios are paired per repeat, then the median is taken; the same for the process's CPU time.
 3. classify: 50,000 7x7 kernels against the shipped 10,000-code spectrum, kernelwatch's index
-   against brute force (``bench_classify.py``, each side in its own process), same decisions.
+   against brute force (``bench_classify.py``: each side in its own process, the two alternating
+   over three rounds), same decisions.
 
 Timing-sensitive: run it alone on the machine (``/work/bin/quiet`` on the shared box).
 """
@@ -52,21 +54,26 @@ from bench_overhead import fit, synthetic_batches  # noqa: E402
 from bench_worker import training_step_cpu  # noqa: E402
 
 
-def worker_costs(model: nn.Module, cycle: int) -> tuple[list[float], list[float], float, float]:
+def worker_costs(model: nn.Module, cycle: int) -> tuple[list[float], list[float], list[float], float, float]:
     """CPU seconds per snapshot, the first and then one cadence cycle: of the watch's own
-    threads (the worker, and the training thread inside ``snapshot()``), and of the whole
-    process; then ``close()`` (process CPU) and the longest ``snapshot()`` call (wall)."""
-    costs, process, blocking = [], [], []
+    threads (the worker, and the training thread inside ``snapshot()``), of the whole process,
+    and of the whole process over the same stretch without a watch; then ``close()`` (process
+    CPU) and the longest ``snapshot()`` call (wall)."""
+    costs, process, without, blocking = [], [], [], []
     with tempfile.TemporaryDirectory() as log_dir:
         watch = KernelWatch(log_dir)  # the default cadence
         worker = next(t for t in threading.enumerate() if t.name == "kernelwatch-worker")
         worker_clock = time.pthread_getcpuclockid(worker.ident)
         images = torch.randn(32, 3, 64, 64)
-        for step in range(cycle + 1):
+
+        def perturb_and_forward() -> None:
             with torch.no_grad():
                 for parameter in model.parameters():
                     parameter.add_(0.01 * parameter.std().nan_to_num() * torch.randn_like(parameter))
                 model(images)  # a batch for the first-layer lens's input sample (not timed)
+
+        for step in range(cycle + 1):
+            perturb_and_forward()
             cpu, wall = time.process_time(), time.perf_counter()
             own = time.clock_gettime(worker_clock) + time.thread_time()
             watch.snapshot(model, step)
@@ -74,10 +81,15 @@ def worker_costs(model: nn.Module, cycle: int) -> tuple[list[float], list[float]
             watch.flush()  # the training thread sleeps until the worker has written the snapshot
             costs.append(time.clock_gettime(worker_clock) + time.thread_time() - own)
             process.append(time.process_time() - cpu)
+            took = time.perf_counter() - wall
+            perturb_and_forward()
+            cpu = time.process_time()
+            time.sleep(took)
+            without.append(time.process_time() - cpu)
         cpu = time.process_time()
         watch.close()
         closing = time.process_time() - cpu
-    return costs, process, closing, max(blocking)
+    return costs, process, without, closing, max(blocking)
 
 
 def part_worker(models: list[str], cycle: int) -> None:
@@ -86,16 +98,18 @@ def part_worker(models: list[str], cycle: int) -> None:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, num_classes=10)
         step_cpu = training_step_cpu(model)
-        costs, process, closing, blocking = worker_costs(model, cycle)
+        costs, process, without, closing, blocking = worker_costs(model, cycle)
         per_snapshot = (sum(costs[1:]) + closing) / cycle
         per_snapshot_process = (sum(process[1:]) + closing) / cycle
+        per_snapshot_added = per_snapshot_process - sum(without[1:]) / cycle
         print(
             f"{name:<14} worker CPU per snapshot {1000 * per_snapshot:6.1f} ms (mean over a cycle of {cycle}, "
             f"close() included) = {per_snapshot / step_cpu:.3f} training steps ({1000 * step_cpu:.0f} ms CPU each); "
             f"median {1000 * statistics.median(costs[1:]):.1f} ms, max {1000 * max(costs[1:]):.0f} ms (sprites and "
             f"quality), first {1000 * costs[0]:.0f} ms, close {1000 * closing:.0f} ms; blocking max "
             f"{1000 * blocking:.1f} ms; whole process {1000 * per_snapshot_process:.1f} ms (median "
-            f"{1000 * statistics.median(process[1:]):.1f} ms, first {1000 * process[0]:.0f} ms)"
+            f"{1000 * statistics.median(process[1:]):.1f} ms, first {1000 * process[0]:.0f} ms), "
+            f"less the same stretch without a watch {1000 * per_snapshot_added:.1f} ms"
         )
 
 

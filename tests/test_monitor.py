@@ -28,7 +28,7 @@ from kernelwatch.errors import KernelWatchError
 from kernelwatch.extraction import extract_depthwise
 from kernelwatch.init import dog_
 from kernelwatch.metrics import layer_quality
-from kernelwatch.monitor import KernelWatch, log_schedule
+from kernelwatch.monitor import KernelWatch, _off_device, log_schedule
 from kernelwatch.spectrum import Spectrum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -863,3 +863,16 @@ def test_kernels_on_a_gpu_are_classified_there_with_the_same_records(tmp_path):
             model[1].weight.add_(0.01 * torch.randn_like(model[1].weight))
         watch.on_epoch_end(model, 1)
     assert steps(read(tmp_path / "watch"), fmt.make_tag(fmt.PROPORTIONS, "1")) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "dtype, memory_format",
+    [(torch.float32, torch.contiguous_format), (torch.float32, torch.channels_last), (torch.bfloat16, torch.contiguous_format)],
+)
+def test_weight_copies_hold_the_weights_of_their_snapshot(dtype, memory_format):
+    conv = nn.Conv2d(8, 8, 3, groups=8).to(dtype=dtype, memory_format=memory_format)
+    copy = _off_device(conv.weight)
+    before = conv.weight.detach().clone()
+    with torch.no_grad():
+        conv.weight.add_(1.0)  # training goes on in place while the worker reads the copy
+    assert copy.dtype == dtype and copy.shape == conv.weight.shape and torch.equal(copy, before)
