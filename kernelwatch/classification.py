@@ -159,10 +159,10 @@ class PrototypeIndex:
         min_cos = np.cos(np.radians(max_diameter))
         starts = [0]
         while starts[-1] < len(unit):
-            first, end = starts[-1], starts[-1] + 1
-            while end < len(unit) and end - first < max_size and unit[first] @ unit[end] >= min_cos:
-                end += 1
-            starts.append(end)
+            first = starts[-1]
+            # A block runs on while its codes stay within max_diameter of its first one.
+            turned = np.flatnonzero(unit[first + 1 : first + max_size] @ unit[first] < min_cos)
+            starts.append(first + 1 + int(turned[0]) if len(turned) else min(first + max_size, len(unit)))
         centres, radii = _cones(prototypes, starts)
         bounds = torch.tensor(starts)
         first, sizes = bounds[:-1], bounds.diff()

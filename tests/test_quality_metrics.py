@@ -7,7 +7,15 @@ import torch
 from kernelwatch import format as fmt
 from kernelwatch import patterns
 from kernelwatch.errors import KernelWatchError
-from kernelwatch.metrics import _random_entropy, layer_quality, orthogonality, sparsity, variance_entropy
+from kernelwatch.metrics import (
+    _random_entropy,
+    _random_entropy_table,
+    _simulated_random_entropy,
+    layer_quality,
+    orthogonality,
+    sparsity,
+    variance_entropy,
+)
 
 
 def gaussian(*shape, seed=0):
@@ -89,6 +97,15 @@ def test_normaliser_tracks_the_papers_fit_for_3x3(n):
     height, mid, rate, offset = 1.2618047, 2.30436435, 0.88767525, -0.31050834
     paper = (height / (1 + np.exp(-rate * (np.log2(n) - mid))) + offset) * np.log(10)
     assert _random_entropy(n, 9) == pytest.approx(paper, rel=0.06)
+
+
+@pytest.mark.parametrize("n, d", [(3, 16), (200, 16), (7, 25), (1000, 25), (40, 49), (48, 49), (320, 49), (2048, 49)])
+def test_shipped_normaliser_table_holds_the_simulation(n, d):
+    # Regenerate with metrics.write_random_entropy_table after changing the simulation.
+    table = _random_entropy_table()
+    assert sorted(table) == [16, 25, 49] and {len(values) for values in table.values()} == {2049}
+    assert table[d][n] == pytest.approx(_simulated_random_entropy(n, d), rel=1e-9)
+    assert _random_entropy(n, d) == table[d][n]
 
 
 def test_sparse_filters_are_left_out_of_the_variance_entropy():
