@@ -156,7 +156,7 @@ def orthogonality(weight: Any) -> float:
     n = len(flat)
     if n < 2 or not np.isfinite(flat).all():
         return float("nan")
-    flat = torch.from_numpy(flat)  # In torch: see _singular_values.
+    flat = torch.from_numpy(np.ascontiguousarray(flat))  # In torch: see _singular_values.
     norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
     # float32 products: the mean of n^2 cosines needs no more, and the products are most of the
     # monitor's background work per snapshot (wide 1x1 convs).

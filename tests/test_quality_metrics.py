@@ -136,6 +136,8 @@ def test_orthogonality():
     assert orthogonality(gaussian(128, 32, 3, 3)) == pytest.approx(1 - np.sqrt(2 / (np.pi * d)), abs=0.01)
     with_zero = np.concatenate([np.eye(4).reshape(4, 1, 2, 2), np.zeros((1, 1, 2, 2))])
     assert orthogonality(with_zero) == pytest.approx(1.0)
+    w = gaussian(16, 2, 3, 3)
+    assert orthogonality(w[::-1]) == pytest.approx(orthogonality(w))  # any numpy strides
 
 
 def test_orthogonality_of_wide_layers_matches_the_direct_formula():
