@@ -104,8 +104,10 @@ def main() -> None:
     mode = "exact=True" if args.exact else "default (exact=False)"
     print(f"kernels: {args.kernels} 7x7 ({args.noise_share:.0%} pure noise), spectrum: 10,000 codes, "
           f"torch threads: {torch.get_num_threads()}, classify {mode}, {args.rounds} rounds of {args.repeats} calls")
-    print(f"brute force : {t_brute:.3f} s  {args.kernels / t_brute:>10,.0f} kernels/s  peak RSS {peak_rss['brute']:.0f} MiB")
-    print(f"kernelwatch : {t_index:.3f} s  {args.kernels / t_index:>10,.0f} kernels/s  peak RSS {peak_rss['index']:.0f} MiB")
+    print(f"brute force : {t_brute:.3f} s  {args.kernels / t_brute:>10,.0f} kernels/s  "
+          f"peak RSS {peak_rss['brute']:.0f} MiB")
+    print(f"kernelwatch : {t_index:.3f} s  {args.kernels / t_index:>10,.0f} kernels/s  "
+          f"peak RSS {peak_rss['index']:.0f} MiB")
     print(f"speed-up    : {statistics.median(ratios):.1f}x (rounds: {', '.join(f'{r:.1f}x' for r in ratios)})")
     print(f"identical decisions: labels {same_labels:.4%}, clustered flags {same_clustered:.4%} "
           f"({clustered.mean():.1%} clustered)")

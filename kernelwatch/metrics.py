@@ -250,7 +250,9 @@ def _random_entropy_table() -> dict[int, np.ndarray]:
             return {int(key.removeprefix("d")): data[key] for key in data.files}
 
 
-def write_random_entropy_table(path: str | Path, sizes: tuple[int, ...] = (16, 25, 49), max_filters: int = 2048) -> None:
+def write_random_entropy_table(
+    path: str | Path, sizes: tuple[int, ...] = (16, 25, 49), max_filters: int = 2048
+) -> None:
     """Simulate the normaliser for every filter count up to ``max_filters`` of each filter size
     ``d`` in ``sizes`` (4x4, 5x5, 7x7), and save them: the table that ships as package data, so
     a layer's first quality metrics cost no simulation (about 12 ms per filter count for 7x7).
