@@ -281,15 +281,15 @@ class PrototypeIndex:
         size, n, part_columns = min(len(rows), _ROWS), len(rows), self._block_part_columns
         packed = x_trig.new_empty(size, x_trig.shape[1])
         gap = x_trig.new_empty(size, self.part_columns.shape[2])
-        nearest = x_trig.new_empty(size)
+        widest_gap = x_trig.new_empty(size)
         for block, start, stop, first in _block_runs(blocks, len(part_columns)):
             if start == first:
                 torch.index_select(x_trig, 0, rows[first : first + size], out=packed[: min(size, n - first)])
             torch.mm(packed[start - first : stop - first], part_columns[block], out=gap[start - first : stop - first])
             if stop - first == size or stop == n:
                 # A padding column's gap is -sin(a) < 0 (0 < a < pi here).
-                torch.amax(gap[: stop - first], dim=1, out=nearest[: stop - first])
-                torch.ge(nearest[: stop - first], 0, out=alive[first:stop])
+                torch.amax(gap[: stop - first], dim=1, out=widest_gap[: stop - first])
+                torch.ge(widest_gap[: stop - first], 0, out=alive[first:stop])
         return alive
 
     @cached_property
