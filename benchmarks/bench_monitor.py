@@ -168,6 +168,10 @@ def part_overhead(epochs: int, steps: int, repeats: int) -> None:
                 later[arm].append(steady)
             print(f"  repeat {repeat}: " + ", ".join(f"{arm} {times[arm][-1]:.2f} s" for arm in order))
     epoch = statistics.median(times["none"]) / epochs
+
+    def paired(ratios: list[float]) -> str:
+        return f"{100 * statistics.median(ratios):+.2f} % ({', '.join(f'{100 * r:+.1f}' for r in ratios)} %)"
+
     for arm, label in (("kernelwatch", "KernelWatch every epoch"), ("histograms", "add_histogram every epoch")):
         ratios = [w / n - 1 for w, n in zip(times[arm], times["none"])]
         # The process's CPU moves less with the shared machine's state than its wall time.
@@ -176,9 +180,7 @@ def part_overhead(epochs: int, steps: int, repeats: int) -> None:
         print(
             f"{label:<26} {100 * statistics.median(ratios):+6.2f} % per epoch vs no monitor "
             f"(paired over {repeats} repeats: {', '.join(f'{100 * r:+.1f}' for r in ratios)} %; "
-            f"epoch {epoch:.2f} s); process CPU {100 * statistics.median(cpu_ratios):+.2f} % "
-            f"({', '.join(f'{100 * r:+.1f}' for r in cpu_ratios)} %); epochs 3 to {epochs} alone "
-            f"{100 * statistics.median(steady_ratios):+.2f} % ({', '.join(f'{100 * r:+.1f}' for r in steady_ratios)} %)"
+            f"epoch {epoch:.2f} s); process CPU {paired(cpu_ratios)}; epochs 3 to {epochs} alone {paired(steady_ratios)}"
         )
 
 

@@ -172,7 +172,7 @@ class PrototypeIndex:
         slot = (torch.tensor(part_starts) - first[part_block]) // part_size
         part_columns = torch.zeros(len(first), prototypes.shape[1] + 2, int(slot.max()) + 1)
         part_columns[:, -1] = 1.0
-        part_columns[part_block, :, slot] = torch.cat([part_centres, -part_radii.cos()[:, None], -part_radii.sin()[:, None]], dim=1)
+        part_columns[part_block, :, slot] = _cone_rows(part_centres, part_radii)
         slots = torch.minimum(first[:, None] + torch.arange(int(sizes.max())), (first + sizes - 1)[:, None])
         return cls(
             prototypes,
@@ -263,7 +263,7 @@ class PrototypeIndex:
         pairs = []
         for start in range(0, len(x_trig), size):
             # [blocks, kernels]: cells found in block-major order need no sorting.
-            gap = self._cone_rows @ x_trig[start : start + size].T
+            gap = self._block_cone_rows @ x_trig[start : start + size].T
             if whole_turn is not None:
                 gap[:, whole_turn[start : start + size]] = 1.0
             gap[first[start : start + size], torch.arange(gap.shape[1], device=gap.device)] = -1.0
@@ -293,9 +293,8 @@ class PrototypeIndex:
         return alive
 
     @cached_property
-    def _cone_rows(self) -> torch.Tensor:
-        """Each block's cone as a row ``[centre, -cos(radius), -sin(radius)]``."""
-        return torch.cat([self.centres, -self.radii.cos()[:, None], -self.radii.sin()[:, None]], dim=1)
+    def _block_cone_rows(self) -> torch.Tensor:
+        return _cone_rows(self.centres, self.radii)
 
     @cached_property
     def _block_columns(self) -> tuple[torch.Tensor, ...]:
@@ -363,6 +362,12 @@ def _nonnegative_cells(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     # numpy compares twice as fast as torch here, and finds the cells twice as fast.
     rows, columns = np.divmod(np.flatnonzero(values.numpy() >= 0), values.shape[1])
     return torch.from_numpy(rows), torch.from_numpy(columns)
+
+
+def _cone_rows(centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """Each cone as a row ``[centre, -cos(radius), -sin(radius)]``: its product with a kernel's
+    ``[x, cos(a), -sin(a)]`` is ``cos(x, centre) - cos(a + radius)``."""
+    return torch.cat([centres, -radii.cos()[:, None], -radii.sin()[:, None]], dim=1)
 
 
 def _cones(prototypes: torch.Tensor, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -244,8 +244,6 @@ def _random_entropy(n: int, d: int) -> float:
 def _random_entropy_table() -> dict[int, np.ndarray]:
     """``{d: entropies}`` with ``entropies[n]`` the simulated value for ``n`` filters."""
     with resources.as_file(resources.files("kernelwatch") / "data" / _RANDOM_ENTROPY_FILE) as path:
-        if not path.exists():
-            return {}
         with np.load(path) as data:
             return {int(key.removeprefix("d")): data[key] for key in data.files}
 
