@@ -58,7 +58,7 @@ def total_activation(kernels: np.ndarray, labels: np.ndarray) -> dict[str, dict[
     for name in CLUSTERS:
         values = sums[(fams == name) & np.isfinite(sums)]
         if len(values):
-            q1, median, q3 = np.quantile(values, [0.25, 0.5, 0.75])
+            q1, median, q3 = _quartiles(values)
             out[name] = {
                 "count": int(len(values)),
                 "mean": float(values.mean()),
@@ -67,6 +67,28 @@ def total_activation(kernels: np.ndarray, labels: np.ndarray) -> dict[str, dict[
                 "q3": float(q3),
             }
     return out
+
+
+def _quartiles(values: np.ndarray) -> np.ndarray:
+    """``np.quantile(values, [0.25, 0.5, 0.75])`` (its default, linear method) at a quarter of
+    its cost, which on the monitor's worker is paid for every cluster of every layer.
+
+    >>> v = np.random.default_rng(0).standard_normal(101)
+    >>> bool((_quartiles(v) == np.quantile(v, [0.25, 0.5, 0.75])).all())
+    True
+    """
+    ordered = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    position = np.array([0.25, 0.5, 0.75]) * (len(ordered) - 1)
+    below = position.astype(np.intp)
+    above = np.minimum(below + 1, len(ordered) - 1)
+    return _lerp(ordered[below], ordered[above], position - below)
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """numpy's own interpolation between neighbours, from whichever end is nearer (so the
+    result is exactly numpy's)."""
+    step = b - a
+    return np.where(t >= 0.5, b - step * (1 - t), a + step * t)
 
 
 # -- layer quality (CNN Filter DB, Gavrikov & Keuper, CVPR 2022) ---------------------------------
@@ -96,20 +118,14 @@ def sparsity(weight: Any, eps: float = SPARSITY_EPS) -> float:
     >>> sparsity(w)
     0.375
     """
-    filters = _filters(weight)
-    if not np.isfinite(filters).all():
-        return float("nan")
-    limit = eps * np.abs(filters).max() if filters.size else 0.0
-    if limit == 0:
-        return 1.0
-    return float(np.mean(np.all(np.abs(filters) < limit, axis=1)))
+    return _sparsity(_sparse_filters(_filters(weight), eps))
 
 
 def variance_entropy(weight: Any, eps: float = SPARSITY_EPS) -> float:
     """Normalised entropy of the variance spectrum of the layer's ``kh x kw`` filters.
 
-    The non-sparse filters (see :func:`sparsity`), flattened and centred, are decomposed by SVD;
-    the singular values' shares of the total variance form a distribution whose entropy is
+    The non-sparse filters (see :func:`sparsity`), flattened and centred, have singular values
+    whose squares' shares of the total variance form a distribution whose entropy is
     divided by the low end of random layers' entropy for that many filters: for 3x3 filters
     CNN Filter DB's fitted curve (torchconvquality's ``variance_entropy_clean_norm``), for other
     sizes the simulated 1% quantile of random Gaussian layers. About 0.9 is a healthy trained
@@ -124,21 +140,25 @@ def variance_entropy(weight: Any, eps: float = SPARSITY_EPS) -> float:
     """
     array = _as_weight(weight)
     filters = _filters(array)
-    d = filters.shape[1]
-    if d < 2 or not np.isfinite(filters).all():
+    if filters.shape[1] < 2:
         return float("nan")
-    limit = eps * np.abs(filters).max() if filters.size else 0.0
-    filters = filters[np.any(np.abs(filters) >= limit, axis=1)] if limit > 0 else filters[:0]
+    return _variance_entropy(array, filters, _sparse_filters(filters, eps))
+
+
+def _variance_entropy(array: np.ndarray, filters: np.ndarray, sparse: np.ndarray | None) -> float:
+    if sparse is None:
+        return float("nan")
+    filters = filters[~sparse]
     n = len(filters)
     if n < 3:  # two centred filters always span one direction: nothing to measure
         return float("nan")
-    variance = _singular_values(filters - filters.mean(axis=0)) ** 2
+    variance = _variances(filters - filters.mean(axis=0))
     if variance.sum() == 0:
         return 0.0
     if array.shape[2:] == (3, 3):
         normaliser = _paper_entropy_3x3(n)
     else:
-        normaliser = _random_entropy(n, d)
+        normaliser = _random_entropy(n, filters.shape[1])
     return float(_entropy(variance[None])[0] / normaliser)
 
 
@@ -156,7 +176,7 @@ def orthogonality(weight: Any) -> float:
     n = len(flat)
     if n < 2 or not np.isfinite(flat).all():
         return float("nan")
-    flat = torch.from_numpy(np.ascontiguousarray(flat))  # In torch: see _singular_values.
+    flat = torch.from_numpy(np.ascontiguousarray(flat))  # In torch: see _variances.
     norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
     # float32 products: the mean of n^2 cosines needs no more, and the products are most of the
     # monitor's background work per snapshot (wide 1x1 convs).
@@ -182,10 +202,12 @@ def layer_quality(weight: Any) -> dict[str, float]:
     >>> list(q), q["sparsity"]
     (['sparsity', 'variance_entropy', 'orthogonality'], 0.0)
     """
-    array = _as_weight(weight)  # converted once for all three
+    array = _as_weight(weight)  # converted once for all three, the sparse filters found once for two
+    filters = _filters(array)
+    sparse = _sparse_filters(filters, SPARSITY_EPS)
     return {
-        "sparsity": sparsity(array),
-        "variance_entropy": variance_entropy(array),
+        "sparsity": _sparsity(sparse),
+        "variance_entropy": _variance_entropy(array, filters, sparse) if filters.shape[1] > 1 else float("nan"),
         "orthogonality": orthogonality(array),
     }
 
@@ -207,10 +229,34 @@ def _filters(weight: Any) -> np.ndarray:
     return array.reshape(-1, array.shape[2] * array.shape[3])
 
 
-def _singular_values(matrix: np.ndarray) -> np.ndarray:
-    # Linear algebra here is torch's, not numpy's: numpy's OpenBLAS threads spin on after each
-    # call, which on the monitor's worker takes CPU from training; torch's obey set_num_threads.
-    return torch.linalg.svdvals(torch.from_numpy(matrix)).numpy()
+def _sparse_filters(filters: np.ndarray, eps: float) -> np.ndarray | None:
+    """Which rows of ``filters`` are sparse (all |w| below ``eps`` times the layer's largest;
+    all of them in an all-zero layer); None when a weight is not finite."""
+    magnitude = np.abs(filters)
+    peak = magnitude.max() if filters.size else 0.0
+    if not np.isfinite(peak):  # a NaN or an infinity anywhere reaches the maximum
+        return None
+    if peak == 0:
+        return np.ones(len(filters), dtype=bool)
+    below = magnitude < eps * peak
+    return below[:, 0] if filters.shape[1] == 1 else below.all(axis=1)
+
+
+def _sparsity(sparse: np.ndarray | None) -> float:
+    if sparse is None:
+        return float("nan")
+    return float(sparse.mean()) if len(sparse) else 1.0
+
+
+def _variances(centred: np.ndarray) -> np.ndarray:
+    """The squared singular values of ``centred`` rows (its variance spectrum, unscaled):
+    eigenvalues of its d x d scatter matrix, far cheaper than an SVD of many rows, and as
+    accurate for entropies (a lost digit in a share of 1e-12 changes nothing).
+
+    Linear algebra here is torch's, not numpy's: numpy's OpenBLAS threads spin on after each
+    call, which on the monitor's worker takes CPU from training; torch's obey set_num_threads."""
+    rows = torch.from_numpy(centred)
+    return torch.linalg.eigvalsh(rows.T @ rows).numpy().clip(min=0.0)
 
 
 def _entropy(variance: np.ndarray) -> np.ndarray:
@@ -281,5 +327,5 @@ def _simulated_random_entropy(n: int, d: int) -> float:
         variance = torch.linalg.eigvalsh(scatter).numpy().clip(min=0.0)
     else:
         x = rng.standard_normal((draws, n, d))
-        variance = _singular_values(x - x.mean(axis=1, keepdims=True)) ** 2
+        variance = torch.linalg.svdvals(torch.from_numpy(x - x.mean(axis=1, keepdims=True))).numpy() ** 2
     return float(np.quantile(_entropy(variance), _RANDOM_QUANTILE))

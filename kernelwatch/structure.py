@@ -50,7 +50,15 @@ def median_dissimilarity(result: ClassificationResult) -> float:
     kernels it is exact (see docs/spectra.md).
     """
     valid = result.dissimilarity[result.valid]
-    return float(np.median(valid)) if len(valid) else float("nan")
+    if not len(valid):
+        return float("nan")
+    # np.median's own arithmetic (the mean of the two middle values of an even count), without
+    # its generic checks, which cost four times the selection on the worker's small layers.
+    half = len(valid) // 2
+    if len(valid) % 2:
+        return float(np.partition(valid, half)[half])
+    middle = np.partition(valid, (half - 1, half))
+    return float((middle[half - 1] + middle[half]) / 2)
 
 
 def spatially_shuffled(kernels: torch.Tensor, seed: int = DEFAULT_SEED) -> torch.Tensor:
