@@ -43,6 +43,25 @@ def test_total_activation_matches_the_kernel_sums():
     assert layer.total_activation["on-centre"]["mean"] == pytest.approx(kernels[on].sum(axis=(1, 2)).mean(), rel=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 13, 64, 255, 256, 1841])
+def test_total_activation_quartiles_and_medians_are_numpys_to_the_bit(n):
+    """The worker's own quantile and median (numpy's arithmetic without its checks) must give
+    exactly what np.quantile and np.median give, for odd and even counts."""
+    from kernelwatch.classification import ClassificationResult
+    from kernelwatch.metrics import total_activation
+    from kernelwatch.structure import median_dissimilarity
+
+    rng = np.random.default_rng(n)
+    kernels = rng.standard_normal((n, 3, 3)) * 10.0 ** rng.uniform(-3, 3, (n, 1, 1))
+    activation = total_activation(kernels, np.array(["on-centre"] * n))["on-centre"]
+    expected = np.quantile(kernels.sum(axis=(1, 2)), [0.25, 0.5, 0.75]).tolist()
+    assert [activation[q] for q in ("q1", "median", "q3")] == expected
+    for dtype in (np.float32, np.float64):
+        dissimilarity, valid = rng.random(n).astype(dtype), np.arange(n) % 5 != 1
+        result = ClassificationResult(np.array(["x"] * n), np.zeros(n, bool), dissimilarity, np.zeros(n), valid)
+        assert median_dissimilarity(result) == float(np.median(dissimilarity[valid]))
+
+
 def test_timm_model_and_checkpoint_give_the_same_report(tmp_path):
     model = timm.create_model("mobilenetv3_small_050", pretrained=False)
     torch.save({"state_dict": model.state_dict()}, tmp_path / "ckpt.pt")
