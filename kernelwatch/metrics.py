@@ -140,13 +140,11 @@ def variance_entropy(weight: Any, eps: float = SPARSITY_EPS) -> float:
     """
     array = _as_weight(weight)
     filters = _filters(array)
-    if filters.shape[1] < 2:
-        return float("nan")
     return _variance_entropy(array, filters, _sparse_filters(filters, eps))
 
 
 def _variance_entropy(array: np.ndarray, filters: np.ndarray, sparse: np.ndarray | None) -> float:
-    if sparse is None:
+    if sparse is None or filters.shape[1] < 2:
         return float("nan")
     filters = filters[~sparse]
     n = len(filters)
@@ -207,7 +205,7 @@ def layer_quality(weight: Any) -> dict[str, float]:
     sparse = _sparse_filters(filters, SPARSITY_EPS)
     return {
         "sparsity": _sparsity(sparse),
-        "variance_entropy": _variance_entropy(array, filters, sparse) if filters.shape[1] > 1 else float("nan"),
+        "variance_entropy": _variance_entropy(array, filters, sparse),
         "orthogonality": orthogonality(array),
     }
 
