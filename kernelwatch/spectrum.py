@@ -39,6 +39,7 @@ from kernelwatch.classification import (
 )
 from kernelwatch.errors import KernelWatchError
 from kernelwatch.kernel_sizes import SizeApproach, adapt, choose_approach, spectrum_size
+from kernelwatch.metrics import family
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -396,10 +397,8 @@ class Spectrum:
     @cached_property
     def families(self) -> tuple[np.ndarray, np.ndarray]:
         """The distinct families of the codes, and each code's index into them."""
-        # Each distinct label split once: 10,000 codes hold a few dozen labels.
-        labels, which = np.unique(self.labels.astype(str), return_inverse=True)
-        names, family_of_label = np.unique([label.split("/")[0] for label in labels], return_inverse=True)
-        return names, family_of_label[which.reshape(-1)]
+        names, which = np.unique(family(self.labels), return_inverse=True)
+        return names, which.reshape(-1)
 
     @property
     def prototype_thresholds(self) -> np.ndarray:
