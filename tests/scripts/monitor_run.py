@@ -7,6 +7,7 @@ DistributedDataParallel), ``fsdp`` (FSDP2 ``fully_shard``: every weight split ac
 Every rank trains on the same batches, so all runs reach the same weights as one process.
 """
 
+import gc
 import sys
 
 import torch
@@ -52,7 +53,12 @@ def main(log_dir: str, mode: str) -> None:
         watch.on_epoch_end(model, epoch)
     watch.close()  # under FSDP the final snapshot (epoch 5) gathers on every rank
     print(f"rank {accelerator.process_index} steps {list(watch.steps)}", flush=True)
-    # Without these, gloo processes were seen to abort at exit.
+    # Gloo processes were seen to abort at exit otherwise: a gloo worker thread drops a finished
+    # all-gather's tensors after the gather returned, taking the GIL, which aborts the process
+    # during interpreter finalization. So the sharded model goes, and every rank is past a
+    # barrier, while the interpreter is alive (tests/test_extraction.py measured it).
+    del model, optimiser
+    gc.collect()
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
