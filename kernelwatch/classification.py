@@ -26,7 +26,7 @@ _FLAT_TOLERANCE = 1e-6
 _BOUND_SLACK = 1e-5
 #: Rows the search reduces at once: one buffer of products, small enough to stay in cache.
 _ROWS = 4096
-#: Most (block, kernel) bounds the search holds at once (32 MB).
+#: Most (kernel, block centre) similarities the search holds at once (32 MB).
 _CELLS = 1 << 23
 
 
@@ -200,43 +200,51 @@ class PrototypeIndex:
         """
         if not len(unit):
             return torch.zeros(0, dtype=torch.long, device=unit.device), unit.new_zeros(0)
+        size = max(1, _CELLS // len(self.centres))
+        if len(unit) > size:  # the similarities to every block centre, below, for so many kernels at a time
+            found = [self.search(part, floor, chunk) for part in unit.split(size)]
+            return torch.cat([index for index, _ in found]), torch.cat([sim for _, sim in found])
         # The nearest block first: for a kernel near the spectrum its best prototype is usually
         # there, and that similarity then rules out almost every other block. (Chunks small
-        # enough that the [chunk, blocks] similarities stay in cache.)
-        first = torch.cat([_row_argmax(part @ self.centres.T) for part in unit.split(chunk)])
+        # enough that the [chunk, blocks] similarities stay in cache for the argmax.)
+        centre_sim = unit.new_empty(len(unit), len(self.centres))
+        first = torch.cat(
+            [
+                _row_argmax(torch.mm(part, self.centres.T, out=centre_sim[start : start + len(part)]))
+                for start, part in zip(range(0, len(unit), chunk), unit.split(chunk))
+            ]
+        )
         # Kernels sorted by their nearest block: each block's kernels are then one contiguous
-        # slice, and the kernels a block is compared with lie close together in memory.
+        # slice, one product with its prototypes.
         first_sorted, order = _sort_small(first)
         position = torch.empty_like(order)
         position[order] = torch.arange(len(order), device=order.device)
-        # The sorted kernels in the first columns of [x, cos(a), -sin(a)] (see below).
-        x_trig = unit.new_empty(len(unit), unit.shape[1] + 2)
-        x = torch.index_select(unit, 0, order, out=x_trig[:, :-2])  # (much faster than unit[order] on CPU)
-        best_sim, within = self._best_in_blocks(x, first_sorted)
-        best_index = self._prototype(first_sorted, within)
+        # (index_select is much faster than unit[order] on CPU)
+        best_sim, within = self._best_in_blocks(torch.index_select(unit, 0, order), first_sorted)
+        best_index = self._prototype(first_sorted, within)[position]
+        best_sim = best_sim[position]
         # A cone of radius r can beat similarity t only if angle(x, centre) < a + r with
         # a = arccos(t), i.e. cos(x, centre) - cos(a + r) >= 0, and cos(a + r) = cos(a) cos(r)
         # - sin(a) sin(r): so [x, cos(a), -sin(a)] against a cone's [centre, -cos(r), -sin(r)]
-        # gives it in one product, for blocks and parts alike.
+        # gives it in one product, for parts; for blocks, cos(x, centre) is known already.
         cos_a = (best_sim.clamp_min(floor) - _BOUND_SLACK).clamp(-1.0, 1.0)
-        x_trig[:, -2] = cos_a
-        x_trig[:, -1] = -(1.0 - cos_a * cos_a).sqrt()
+        x_trig = torch.cat([unit, cos_a[:, None], -(1.0 - cos_a * cos_a).sqrt()[:, None]], dim=1)
         # Past a half turn (a + r >= pi) the formula no longer bounds anything: such kernels
         # keep every cone.
         whole_turn = cos_a <= -self.widest.cos()
         any_whole_turn = bool(whole_turn.any())
-        rows, blocks = self._blocks_within_reach(x_trig, first_sorted, whole_turn if any_whole_turn else None)
+        rows, blocks = self._blocks_within_reach(centre_sim, x_trig, first, whole_turn if any_whole_turn else None)
         alive = self._parts_within_reach(x_trig, rows, blocks)
         if any_whole_turn:
             alive |= whole_turn[rows]
         rows, blocks = rows[alive], blocks[alive]
         if len(rows):
-            sim, within = self._best_in_blocks(x.index_select(0, rows), blocks)
+            sim, within = self._best_in_blocks(unit.index_select(0, rows), blocks)
             updated = best_sim.scatter_reduce(0, rows, sim, reduce="amax")
             won = (sim > best_sim[rows]) & (sim == updated[rows])
             best_index[rows[won]] = self._prototype(blocks[won], within[won])
             best_sim = updated
-        return best_index[position], best_sim[position]
+        return best_index, best_sim
 
     def _best_in_blocks(self, x: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best similarity of ``x[i]`` within block ``blocks[i]`` (sorted), and its column.
@@ -251,29 +259,25 @@ class PrototypeIndex:
         for block, start, stop, first in _block_runs(blocks, len(columns)):
             torch.mm(x[start:stop], columns[block], out=buffer[start - first : stop - first])
             if stop - first == size or stop == n:
-                torch.max(buffer[: stop - first], dim=1, out=(sim[first:stop], within[first:stop]))
+                # An argmax and a gather: on one thread, a third of torch.max's values and indices.
+                within[first:stop] = best = _row_argmax(buffer[: stop - first])
+                torch.gather(buffer[: stop - first], 1, best[:, None], out=sim[first:stop, None])
         return sim, within
 
     def _blocks_within_reach(
-        self, x_trig: torch.Tensor, first: torch.Tensor, whole_turn: torch.Tensor | None
+        self, centre_sim: torch.Tensor, x_trig: torch.Tensor, first: torch.Tensor, whole_turn: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, blocks)``, sorted by block: each block cone within reach of ``x_trig[row]``,
-        its nearest block ``first[row]`` left out (searched already)."""
-        size = max(1, _CELLS // len(self.centres))
-        pairs = []
-        for start in range(0, len(x_trig), size):
-            # [blocks, kernels]: cells found in block-major order need no sorting.
-            gap = self._block_cone_rows @ x_trig[start : start + size].T
-            if whole_turn is not None:
-                gap[:, whole_turn[start : start + size]] = 1.0
-            gap[first[start : start + size], torch.arange(gap.shape[1], device=gap.device)] = -1.0
-            blocks, rows = _nonnegative_cells(gap)
-            pairs.append((rows + start, blocks))
-        rows, blocks = (torch.cat(column) for column in zip(*pairs))
-        if len(pairs) > 1:
-            blocks, order = _sort_small(blocks)
-            rows = rows[order]
-        return rows, blocks
+        its nearest block ``first[row]`` left out (searched already). Overwrites ``centre_sim``,
+        the kernels' similarities to the block centres."""
+        # cos(x, centre) - cos(a + r): the centre similarities plus a product of rank 2.
+        gap = centre_sim.addmm_(x_trig[:, -2:], self._block_cone_trig)
+        if whole_turn is not None:
+            gap[whole_turn] = 1.0
+        gap[torch.arange(len(gap), device=gap.device), first] = -1.0
+        rows, blocks = _nonnegative_cells(gap)
+        blocks, by_block = _sort_small(blocks)
+        return rows[by_block], blocks
 
     def _parts_within_reach(self, x_trig: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Whether one of block ``blocks[i]``'s (sorted) part cones is within reach of ``x_trig[rows[i]]``."""
@@ -293,8 +297,9 @@ class PrototypeIndex:
         return alive
 
     @cached_property
-    def _block_cone_rows(self) -> torch.Tensor:
-        return _cone_rows(self.centres, self.radii)
+    def _block_cone_trig(self) -> torch.Tensor:
+        """``[-cos(radius); -sin(radius)]`` of each block's cone, as columns."""
+        return _cone_rows(self.centres, self.radii)[:, -2:].T.contiguous()
 
     @cached_property
     def _block_columns(self) -> tuple[torch.Tensor, ...]:

@@ -50,7 +50,7 @@ def test_invalid_kernels_are_flagged_not_crashing():
 @pytest.mark.parametrize("floor", [-1.0, 0.7])
 @pytest.mark.parametrize("small_buffers", [False, True])
 def test_index_search_equals_brute_force(max_diameter, max_size, part_size, floor, small_buffers, monkeypatch):
-    if small_buffers:  # row buffers cut runs of a block; the block bounds come in several pieces
+    if small_buffers:  # row buffers cut runs of a block; the search takes the kernels in several pieces
         monkeypatch.setattr(classification, "_ROWS", 97)
         monkeypatch.setattr(classification, "_CELLS", 20_000)
     protos = smooth_curve(2000, 49)
