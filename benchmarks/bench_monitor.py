@@ -1,6 +1,6 @@
 """The monitor's cost, every figure against a reference measured in the same run.
 
-    python benchmarks/bench_monitor.py            # all three parts, about 10 minutes on 2 cores
+    python benchmarks/bench_monitor.py            # all three parts, about 6 minutes on 2 cores
     python benchmarks/bench_monitor.py --parts worker overhead classify --repeats 3
 
 1. worker: the background worker's CPU per snapshot of timm's ``convnext_atto``,
@@ -20,15 +20,20 @@
 2. overhead: ``convnext_atto`` trained on every core (batch 32, 64 px, ``--steps`` per epoch,
    a snapshot after every epoch and one before training), three arms in one process: no
    monitor, KernelWatch (``close()`` included), and TensorBoard's ``add_histogram`` of every
-   parameter every epoch (what users log by default). The arms' order rotates each repeat;
-   ratios are paired per repeat, then the median is taken; the same for the process's CPU time,
-   and for epochs 3 to the last alone (regular snapshots only: the first snapshot's work, done
-   during epoch 1, the sprite snapshot at epoch 10 and ``close()`` fall outside).
+   parameter every epoch (what users log by default). The arms take turns epoch by epoch, in
+   a new order each epoch, each with a model of its own; an arm's turn is its previous epoch's
+   end (the snapshot, whose background work then overlaps the arm's own epoch) and its next
+   epoch's steps, waiting at the end for whatever of that work is left. Pairs a second apart
+   share the machine's state, which drifts by several percent between runs of a dozen
+   seconds. Per repeat, the arm's time over the no-monitor
+   arm's: for epochs 3 to the last (the regular snapshots: the first snapshot's work, the
+   second's first update-lens sprites and the last with ``close()`` fall outside), and for
+   the whole run; then the median over repeats. The same for the process's CPU time.
 3. classify: 50,000 7x7 kernels against the shipped 10,000-code spectrum, kernelwatch's index
    against brute force (``bench_classify.py``: each side in its own process, the two alternating
    over three rounds), same decisions.
 
-Timing-sensitive: run it alone on the machine (``/work/bin/quiet`` on the shared box).
+Timing-sensitive: run it with nothing else busy on the machine.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from kernelwatch import KernelWatch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_overhead import fit, synthetic_batches  # noqa: E402
+from bench_overhead import synthetic_batches  # noqa: E402
 from bench_worker import training_step_cpu  # noqa: E402
 
 
@@ -115,72 +120,111 @@ def part_worker(models: list[str], cycle: int) -> None:
         )
 
 
-def train(batches: list, epochs: int, arm: str, log_dir: str) -> tuple[float, float, float]:
-    """Wall and process CPU seconds of one run of ``arm`` (none, kernelwatch, histograms),
-    setup excluded, and the wall seconds from the third epoch to the last one's end (before
-    ``close()``; NaN with fewer than three epochs)."""
-    torch.manual_seed(0)
-    model = timm.create_model("convnext_atto", pretrained=False, num_classes=4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    watch = KernelWatch(log_dir, every=1) if arm == "kernelwatch" else None
-    if arm == "histograms":
-        from torch.utils.tensorboard import SummaryWriter
+class Arm:
+    """One ``convnext_atto`` training of the overhead part (``none``, ``kernelwatch`` or
+    ``histograms``), trained one epoch at a time so that the arms can take turns."""
 
-        writer = SummaryWriter(log_dir)
-    start, cpu = time.perf_counter(), time.process_time()
-    ends = []
+    def __init__(self, name: str, batches: list, log_dir: str):
+        torch.manual_seed(0)
+        self.name, self.batches = name, batches
+        self.model = timm.create_model("convnext_atto", pretrained=False, num_classes=4)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.watch = KernelWatch(log_dir, every=1) if name == "kernelwatch" else None
+        if name == "histograms":
+            from torch.utils.tensorboard import SummaryWriter
 
-    def epoch_end(epoch: int) -> None:
-        ends.append(time.perf_counter())
-        if watch is not None:
-            watch.on_epoch_end(model, epoch)
-        elif arm == "histograms":
-            for name, parameter in model.named_parameters():
-                writer.add_histogram(name, parameter, epoch)
+            self.writer = SummaryWriter(log_dir)
 
-    fit(model, optimizer, batches, epochs, epoch_end)
-    if watch is not None:
-        watch.close()
-    elif arm == "histograms":
-        writer.close()
-    steady = ends[-1] - ends[2] if len(ends) > 3 else float("nan")
-    return time.perf_counter() - start, time.process_time() - cpu, steady
+    def epoch_end(self, epoch: int) -> None:
+        if self.watch is not None:
+            self.watch.on_epoch_end(self.model, epoch)
+        elif self.name == "histograms":
+            for name, parameter in self.model.named_parameters():
+                self.writer.add_histogram(name, parameter, epoch)
+
+    def segment(self, epoch: int) -> tuple[float, float]:
+        """Wall and process CPU seconds of the previous epoch's end (epoch 0: before training)
+        and then epoch ``epoch``'s steps: a snapshot's background work overlaps its own arm's
+        next epoch."""
+        start, cpu = time.perf_counter(), time.process_time()
+        self.epoch_end(epoch - 1)
+        for images, labels in self.batches:
+            loss = nn.functional.cross_entropy(self.model(images), labels)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        # Whatever a snapshot left in the background finishes inside its own arm's turn, not
+        # in the next arm's (process CPU counts every thread).
+        if self.watch is not None:
+            self.watch.flush()
+        elif self.name == "histograms":
+            self.writer.flush()
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    def finish(self, epochs: int) -> tuple[float, float]:
+        """The last epoch's end and ``close()``."""
+        start, cpu = time.perf_counter(), time.process_time()
+        self.epoch_end(epochs)
+        if self.watch is not None:
+            self.watch.close()
+        elif self.name == "histograms":
+            self.writer.close()
+        return time.perf_counter() - start, time.process_time() - cpu
 
 
 def part_overhead(epochs: int, steps: int, repeats: int) -> None:
     arms = ["none", "kernelwatch", "histograms"]
     print(
         f"\n== per-epoch overhead: convnext_atto, {epochs} epochs x {steps} steps (batch 32, 64 px), "
-        f"a snapshot every epoch, {torch.get_num_threads()} training threads on {os.cpu_count()} CPUs =="
+        f"a snapshot every epoch, {torch.get_num_threads()} training threads on {os.cpu_count()} CPUs, "
+        "the three arms taking turns epoch by epoch =="
     )
     batches = synthetic_batches(steps, 32, 64)
-    times: dict[str, list[float]] = {arm: [] for arm in arms}
-    cpus: dict[str, list[float]] = {arm: [] for arm in arms}
-    later: dict[str, list[float]] = {arm: [] for arm in arms}
+    # [arm][repeat] -> per segment (wall, cpu); segment 0 holds epoch 1 (and the first snapshot),
+    # the last one the final epoch end and close().
+    runs: dict[str, list[list[tuple[float, float]]]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as root:
-        train(batches[:2], 1, "none", root)  # warm-up
+        warm_up = Arm("none", batches[:2], root)
+        warm_up.segment(1)
         for repeat in range(repeats):
-            order = arms[repeat % 3 :] + arms[: repeat % 3]
-            for arm in order:
-                wall, cpu, steady = train(batches, epochs, arm, os.path.join(root, f"{arm}{repeat}"))
-                times[arm].append(wall)
-                cpus[arm].append(cpu)
-                later[arm].append(steady)
-            print(f"  repeat {repeat}: " + ", ".join(f"{arm} {times[arm][-1]:.2f} s" for arm in order))
-    epoch = statistics.median(times["none"]) / epochs
+            trainings = {arm: Arm(arm, batches, os.path.join(root, f"{arm}{repeat}")) for arm in arms}
+            for arm in arms:
+                runs[arm].append([])
+            for epoch in range(1, epochs + 1):
+                # Each epoch in a new order: drift over seconds falls on every arm alike.
+                turn = (repeat + epoch) % len(arms)
+                for arm in arms[turn:] + arms[:turn]:
+                    runs[arm][-1].append(trainings[arm].segment(epoch))
+            for arm in arms:
+                runs[arm][-1].append(trainings[arm].finish(epochs))
+            whole = {arm: sum(wall for wall, _ in runs[arm][-1]) for arm in arms}
+            print(f"  repeat {repeat}: " + ", ".join(f"{arm} {whole[arm]:.2f} s" for arm in arms))
+    epoch = statistics.median(wall for run in runs["none"] for wall, _ in run[:-1])
 
-    def paired(ratios: list[float]) -> str:
-        return f"{100 * statistics.median(ratios):+.2f} % ({', '.join(f'{100 * r:+.1f}' for r in ratios)} %)"
+    def ratios(arm: str, which: slice, column: int) -> list[float]:
+        """Per repeat: the arm's seconds over the no-monitor arm's, for the segments ``which``."""
+        return [
+            sum(s[column] for s in run[which]) / sum(s[column] for s in none[which]) - 1
+            for run, none in zip(runs[arm], runs["none"])
+        ]
 
+    def paired(values: list[float]) -> str:
+        return f"{100 * statistics.median(values):+.2f} % ({', '.join(f'{100 * v:+.1f}' for v in values)} %)"
+
+    # Epochs 3 to the last hold the regular snapshots (the second to the second last); the
+    # first snapshot, the second (the update lens's first sprites) and the last with close()
+    # fall outside.
+    regular = slice(2, epochs)
     for arm, label in (("kernelwatch", "KernelWatch every epoch"), ("histograms", "add_histogram every epoch")):
-        ratios = [w / n - 1 for w, n in zip(times[arm], times["none"])]
-        # The process's CPU moves less with the shared machine's state than its wall time.
-        cpu_ratios = [c / n - 1 for c, n in zip(cpus[arm], cpus["none"])]
-        steady_ratios = [w / n - 1 for w, n in zip(later[arm], later["none"])]
+        each_epoch = [
+            run[e][0] / none[e][0] - 1 for run, none in zip(runs[arm], runs["none"]) for e in range(2, epochs)
+        ]
         print(
-            f"{label:<26} {100 * statistics.median(ratios):+6.2f} % per epoch vs no monitor "
-            f"(paired over {repeats} repeats: {', '.join(f'{100 * r:+.1f}' for r in ratios)} %; "
-            f"epoch {epoch:.2f} s); process CPU {paired(cpu_ratios)}; epochs 3 to {epochs} alone {paired(steady_ratios)}"
+            f"{label:<26} epochs 3 to {epochs} {paired(ratios(arm, regular, 0))} per epoch vs no monitor "
+            f"(each epoch's pair: median {100 * statistics.median(each_epoch):+.2f} %, quartiles "
+            f"{100 * statistics.quantiles(each_epoch, n=4)[0]:+.1f} to {100 * statistics.quantiles(each_epoch, n=4)[2]:+.1f} %; "
+            f"epoch {epoch:.2f} s); whole run with close() {paired(ratios(arm, slice(None), 0))}; "
+            f"process CPU, whole run {paired(ratios(arm, slice(None), 1))}"
         )
 
 
