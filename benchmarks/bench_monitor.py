@@ -57,7 +57,7 @@ from kernelwatch import KernelWatch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_overhead import synthetic_batches  # noqa: E402
+from bench_overhead import synthetic_batches, train_epoch  # noqa: E402
 from bench_worker import training_step_cpu  # noqa: E402
 
 
@@ -148,11 +148,7 @@ class Arm:
         next epoch."""
         start, cpu = time.perf_counter(), time.process_time()
         self.epoch_end(epoch - 1)
-        for images, labels in self.batches:
-            loss = nn.functional.cross_entropy(self.model(images), labels)
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
+        train_epoch(self.model, self.optimizer, self.batches)
         # Whatever a snapshot left in the background finishes inside its own arm's turn, not
         # in the next arm's (process CPU counts every thread).
         if self.watch is not None:
@@ -211,9 +207,9 @@ def part_overhead(epochs: int, steps: int, repeats: int) -> None:
     def paired(values: list[float]) -> str:
         return f"{100 * statistics.median(values):+.2f} % ({', '.join(f'{100 * v:+.1f}' for v in values)} %)"
 
-    # Epochs 3 to the last hold the regular snapshots (the second to the second last); the
-    # first snapshot, the second (the update lens's first sprites) and the last with close()
-    # fall outside.
+    # Epochs 3 to the last hold the regular snapshots (after epochs 2 to the second last); the
+    # one before training, the one after epoch 1 (the update lens's first sprites) and the last
+    # with close() fall outside.
     regular = slice(2, epochs)
     for arm, label in (("kernelwatch", "KernelWatch every epoch"), ("histograms", "add_histogram every epoch")):
         each_epoch = [

@@ -56,12 +56,19 @@ def fit(
     """Train for ``epochs`` over ``batches``, calling ``epoch_end`` before the first and after each."""
     epoch_end(0)
     for epoch in range(1, epochs + 1):
-        for images, labels in batches:
-            loss = nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        train_epoch(model, optimizer, batches)
         epoch_end(epoch)
+
+
+def train_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """One optimizer step per batch."""
+    for images, labels in batches:
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 def train(
