@@ -25,10 +25,10 @@
    end (the snapshot, whose background work then overlaps the arm's own epoch) and its next
    epoch's steps, waiting at the end for whatever of that work is left. Pairs a second apart
    share the machine's state, which drifts by several percent between runs of a dozen
-   seconds. Per repeat, the arm's time over the no-monitor
-   arm's: for epochs 3 to the last (the regular snapshots: the first snapshot's work, the
-   second's first update-lens sprites and the last with ``close()`` fall outside), and for
-   the whole run; then the median over repeats. The same for the process's CPU time.
+   seconds. Per repeat, the arm's time over the no-monitor arm's: for epochs 3 to the last
+   (the regular snapshots: the first snapshot's work, the second's first update-lens sprites
+   and the last with ``close()`` fall outside), and for the whole run; then the median over
+   repeats. The same for the process's CPU time.
 3. classify: 50,000 7x7 kernels against the shipped 10,000-code spectrum, kernelwatch's index
    against brute force (``bench_classify.py``: each side in its own process, the two alternating
    over three rounds), same decisions.
@@ -215,10 +215,10 @@ def part_overhead(epochs: int, steps: int, repeats: int) -> None:
         each_epoch = [
             run[e][0] / none[e][0] - 1 for run, none in zip(runs[arm], runs["none"]) for e in range(2, epochs)
         ]
+        low, middle, high = statistics.quantiles(each_epoch, n=4)
         print(
             f"{label:<26} epochs 3 to {epochs} {paired(ratios(arm, regular, 0))} per epoch vs no monitor "
-            f"(each epoch's pair: median {100 * statistics.median(each_epoch):+.2f} %, quartiles "
-            f"{100 * statistics.quantiles(each_epoch, n=4)[0]:+.1f} to {100 * statistics.quantiles(each_epoch, n=4)[2]:+.1f} %; "
+            f"(each epoch's pair: median {100 * middle:+.2f} %, quartiles {100 * low:+.1f} to {100 * high:+.1f} %; "
             f"epoch {epoch:.2f} s); whole run with close() {paired(ratios(arm, slice(None), 0))}; "
             f"process CPU, whole run {paired(ratios(arm, slice(None), 1))}"
         )

@@ -299,7 +299,7 @@ class PrototypeIndex:
     @cached_property
     def _block_cone_trig(self) -> torch.Tensor:
         """``[-cos(radius); -sin(radius)]`` of each block's cone, as columns."""
-        return _cone_rows(self.centres, self.radii)[:, -2:].T.contiguous()
+        return torch.stack([-self.radii.cos(), -self.radii.sin()])
 
     @cached_property
     def _block_columns(self) -> tuple[torch.Tensor, ...]:
