@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kernelwatch import format as fmt
 from kernelwatch._config import CLUSTERS
 from kernelwatch.classification import ClassificationResult
 from kernelwatch.errors import KernelWatchError
@@ -27,14 +28,15 @@ from kernelwatch.first_layer import FirstLayerReport, analyze_first_layer
 from kernelwatch.kernel_sizes import SizeApproach, spectrum_size, unservable_reason
 from kernelwatch.metrics import cluster_proportions, total_activation
 from kernelwatch.spectrum import Spectrum
-from kernelwatch.structure import NullLevel, classify_with_null, median_dissimilarity
+from kernelwatch.structure import ANALYSIS_NULL_KERNELS, Nulls, classify_with_null, median_dissimilarity
 
 
 @dataclass
 class LayerReport:
     """One depthwise layer: how many kernels, how many clustered, and into what; with the
-    structure measures of :mod:`kernelwatch.structure` (NaN where not measured) and how its
-    kernels met the spectrum (``approach``, see :mod:`kernelwatch.kernel_sizes`)."""
+    structure measures of :mod:`kernelwatch.structure` against its two nulls (NaN and empty
+    where not measured) and how its kernels met the spectrum (``approach``, see
+    :mod:`kernelwatch.kernel_sizes`). ``null_proportions`` holds each null's family shares."""
 
     name: str
     kernel_size: int
@@ -47,12 +49,33 @@ class LayerReport:
     median_dissimilarity: float = math.nan
     null_clustered_fraction: float = math.nan
     null_median_dissimilarity: float = math.nan
+    smooth_null_clustered_fraction: float = math.nan
+    smooth_null_median_dissimilarity: float = math.nan
+    null_proportions: dict[str, dict[str, float]] = field(default_factory=dict)
     approach: str = "native"
     result: ClassificationResult | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def chance_fraction(self) -> float:
+        """The clustered fraction chance gives: the stricter null's (NaN if not measured)."""
+        chance = fmt.chance_fraction(self.null_clustered_fraction, self.smooth_null_clustered_fraction)
+        return math.nan if chance is None else chance
+
+    @property
+    def structure_above_chance(self) -> float:
+        """The clustered fraction less :attr:`chance_fraction` (NaN if not measured)."""
+        return self.clustered_fraction - self.chance_fraction
+
+    @property
+    def families_above_chance(self) -> dict[str, float | None]:
+        """Each family's share less the stricter null's share of it (empty if not measured)."""
+        return fmt.families_above_chance(self.proportions, self.null_proportions) if self.null_proportions else {}
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("result")
+        out["structure_above_chance"] = self.structure_above_chance
+        out["families_above_chance"] = self.families_above_chance
         return out
 
 
@@ -82,10 +105,27 @@ class AnalysisReport:
         return clustered / max(self.n_kernels, 1)
 
     @property
+    def structure_above_chance(self) -> float:
+        """The layers' structure above chance, weighted by their kernels (NaN if a layer's
+        nulls were not measured)."""
+        above = sum(layer.structure_above_chance * layer.n_kernels for layer in self.layers)
+        return above / max(self.n_kernels, 1)
+
+    @property
     def proportions(self) -> dict[str, float]:
         total = max(self.n_kernels, 1)
         return {
             name: sum(layer.proportions[name] * layer.n_kernels for layer in self.layers) / total for name in CLUSTERS
+        }
+
+    @property
+    def families_above_chance(self) -> dict[str, float]:
+        """Each family's share less the stricter null's, weighted by the layers' kernels: which
+        families survive smoothness (NaN where a layer's nulls were not measured)."""
+        total = max(self.n_kernels, 1)
+        above = [(layer.families_above_chance, layer.n_kernels) for layer in self.layers]
+        return {
+            name: sum(_or_nan(families.get(name)) * n for families, n in above) / total for name in CLUSTERS
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +133,9 @@ class AnalysisReport:
             "n_kernels": self.n_kernels,
             "n_invalid": self.n_invalid,
             "clustered_fraction": self.clustered_fraction,
+            "structure_above_chance": self.structure_above_chance,
             "proportions": self.proportions,
+            "families_above_chance": self.families_above_chance,
             "layers": [layer.to_dict() for layer in self.layers],
             "skipped": self.skipped,
             "first_layer": self.first_layer.to_json() if self.first_layer else None,
@@ -102,6 +144,7 @@ class AnalysisReport:
 
     def format_table(self) -> str:
         """A fixed-width table: one row per layer, proportions in percent, then the total.
+        ``above``: the clustered fraction less the stricter null's (structure above chance).
 
         Invalid kernels get a column of their own and a note: they count as not clustered, so a
         layer of NaN weights would otherwise read like one of random weights.
@@ -119,22 +162,26 @@ class AnalysisReport:
         }
         width = max([len("layer"), *(len(layer.name) for layer in self.layers)])
 
-        def row(name: str, k: str, kernels: int, invalid: int, clustered: float, shares: dict[str, float]) -> str:
-            return f"{name:<{width}}  {k:>2} {kernels:>7} {invalid:>7} {100 * clustered:>6.1f} " + " ".join(
+        def row(name: str, k: str, kernels: int, invalid: int, clustered: float, above: float, shares: dict[str, float]) -> str:
+            return f"{name:<{width}}  {k:>2} {kernels:>7} {invalid:>7} {100 * clustered:>6.1f} {100 * above:>6.1f} " + " ".join(
                 f"{100 * shares[c]:>6.1f}" for c in CLUSTERS
             )
 
-        head = f"{'layer':<{width}}  {'k':>2} {'kernels':>7} {'invalid':>7} {'clust%':>6} " + " ".join(
+        head = f"{'layer':<{width}}  {'k':>2} {'kernels':>7} {'invalid':>7} {'clust%':>6} {'above':>6} " + " ".join(
             f"{short[c]:>6}" for c in CLUSTERS
         )
         rows = [head, "-" * len(head)]
         for layer in self.layers:
             k = f"{layer.kernel_size}" + ("d" if layer.dilation else "")
-            rows.append(
-                row(layer.name, k, layer.n_kernels, layer.n_invalid, layer.clustered_fraction, layer.proportions)
-            )
+            figures = (layer.clustered_fraction, layer.structure_above_chance, layer.proportions)
+            rows.append(row(layer.name, k, layer.n_kernels, layer.n_invalid, *figures))
         rows.append("-" * len(head))
-        rows.append(row("all", "", self.n_kernels, self.n_invalid, self.clustered_fraction, self.proportions))
+        figures = (self.clustered_fraction, self.structure_above_chance, self.proportions)
+        rows.append(row("all", "", self.n_kernels, self.n_invalid, *figures))
+        families = self.families_above_chance
+        rows.append(f"{'above chance':<{width}}  {'':>2} {'':>7} {'':>7} {'':>6} {'':>6} " + " ".join(
+            f"{100 * families[c]:>6.1f}" for c in CLUSTERS
+        ))
         if self.n_invalid:
             rows.append(
                 f"note: {self.n_invalid} of {self.n_kernels} kernels are invalid (NaN/Inf, all-zero or "
@@ -184,19 +231,22 @@ def analyze_layer(
     activation: bool = True,
     threshold: float | None = None,
 ) -> LayerReport:
-    """Classify one layer's ``[C, k, k]`` kernels and summarise them, with their null level;
-    ``activation=False`` skips the total-activation statistics (meaningless for an update);
-    ``threshold`` replaces the spectrum's (see :meth:`Spectrum.classify`)."""
+    """Classify one layer's ``[C, k, k]`` kernels and summarise them, with both nulls (of up to
+    :data:`~kernelwatch.structure.ANALYSIS_NULL_KERNELS` kernels each); ``activation=False``
+    skips the total-activation statistics (meaningless for an update); ``threshold`` replaces
+    the spectrum's (see :meth:`Spectrum.classify`)."""
     approach = spectrum.approach_for(kernels)
-    result, null = classify_with_null(kernels, spectrum, approach=approach, threshold=threshold)
-    return layer_report(name, kernels, result, null, approach, dilation, activation)
+    result, nulls = classify_with_null(
+        kernels, spectrum, approach=approach, threshold=threshold, null_kernels=ANALYSIS_NULL_KERNELS
+    )
+    return layer_report(name, kernels, result, nulls, approach, dilation, activation)
 
 
 def layer_report(
     name: str,
     kernels: torch.Tensor,
     result: ClassificationResult,
-    null: NullLevel,
+    nulls: Nulls,
     approach: SizeApproach,
     dilation: tuple[int, int] | None = None,
     activation: bool = True,
@@ -213,8 +263,11 @@ def layer_report(
         total_activation=(total_activation(kernels.detach().cpu().numpy(), result.labels) if activation else {}),
         dilation=dilation,
         median_dissimilarity=median_dissimilarity(result),
-        null_clustered_fraction=null.clustered_fraction,
-        null_median_dissimilarity=null.median_dissimilarity,
+        null_clustered_fraction=nulls.shuffled.clustered_fraction,
+        null_median_dissimilarity=nulls.shuffled.median_dissimilarity,
+        smooth_null_clustered_fraction=nulls.smooth.clustered_fraction,
+        smooth_null_median_dissimilarity=nulls.smooth.median_dissimilarity,
+        null_proportions={name: null.proportions for name, null in zip(fmt.NULLS, nulls) if null.proportions},
         approach=approach.describe(),
         result=result,
     )
@@ -267,6 +320,10 @@ def first_layer_of(model_or_checkpoint: Any, depthwise: set[str]) -> tuple[First
     if report.layer in depthwise:
         return None, ""
     return report, ""
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def _reasons(skipped: dict[str, str], shown: int = 3) -> str:

@@ -511,7 +511,9 @@ def run_demo(
     ``log_dir``, ``steps``, ``seconds`` (wall time) and per arm its ``steps``, training
     ``seconds``, final training ``loss`` and ``accuracy``, and the share of its depthwise kernels
     that are clustered at the end (``clustered``) and of their change since step 0
-    (``update_clustered``). Raises :class:`KernelWatchError` for bad arguments.
+    (``update_clustered``), each with its structure above chance (``above_chance``,
+    ``update_above_chance``: the share less the stricter null's, layer by layer). Raises
+    :class:`KernelWatchError` for bad arguments.
     """
     config = QUICK if quick else DEFAULT
     if steps is not None:
@@ -529,20 +531,27 @@ def run_demo(
             file=sys.stderr,
         )
     arms = train_arms(log_dir, config, seed, sys.stderr if progress else None)
+    from kernelwatch.analysis import AnalysisReport, analyze_layer
     from kernelwatch.spectrum import Spectrum
 
     spectrum = Spectrum.pretrained(config.kernel_size)
     summary: dict[str, Any] = {"log_dir": str(log_dir), "steps": config.steps, "arms": {}}
     for arm in arms:
-        last = torch.cat([c.weight.detach().reshape(-1, *c.kernel_size) for c in _depthwise(arm.model).values()])
-        first = torch.cat(list(arm.first.values()))
+        last = {name: c.weight.detach().reshape(-1, *c.kernel_size) for name, c in _depthwise(arm.model).items()}
+        weights = AnalysisReport([analyze_layer(name, kernels, spectrum) for name, kernels in last.items()], {})
+        update = AnalysisReport(
+            [analyze_layer(name, kernels - arm.first[name], spectrum, activation=False) for name, kernels in last.items()],
+            {},
+        )
         summary["arms"][arm.name] = {
             "steps": arm.step,
             "seconds": round(arm.seconds, 2),
             "loss": arm.loss,
             "accuracy": arm.accuracy,
-            "clustered": float(spectrum.classify(last).clustered.mean()),
-            "update_clustered": float(spectrum.classify(last - first).clustered.mean()),
+            "clustered": weights.clustered_fraction,
+            "above_chance": weights.structure_above_chance,
+            "update_clustered": update.clustered_fraction,
+            "update_above_chance": update.structure_above_chance,
         }
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary

@@ -31,10 +31,11 @@ from kernelwatch.sprites import PNG_SIGNATURE
 
 PLUGIN_NAME = "kernelwatch"
 #: Bump on any change an older reader would misread; adding optional JSON keys is no such change.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Versions this reader decodes. Version 1 lacks the lens, the layer order and the structure
 #: measures of ``clustered_fraction`` records; they read back as ``weights``, None and None.
-READABLE_VERSIONS = (1, 2)
+#: Version 2 lacks the smooth null (its figures read back as None) and ``null_proportions``.
+READABLE_VERSIONS = (1, 2, 3)
 
 # What a per-layer record describes: the kernels themselves, or the cumulative update since
 # the run's first snapshot (``W_t - W_first``: what training wrote into them).
@@ -42,9 +43,10 @@ WEIGHTS = "weights"
 UPDATE = "update"
 LENSES = (WEIGHTS, UPDATE)
 
-# Record kinds. Per layer (tensors): four figures from classification, plus quality metrics.
+# Record kinds. Per layer (tensors): five figures from classification, plus quality metrics.
 PROPORTIONS = "proportions"
 CLUSTERED_FRACTION = "clustered_fraction"
+NULL_PROPORTIONS = "null_proportions"
 TOTAL_ACTIVATION = "total_activation"
 CODE_HISTOGRAM = "code_histogram"
 QUALITY = "quality"
@@ -59,7 +61,8 @@ TENSOR = summary_pb2.DATA_CLASS_TENSOR
 BLOB_SEQUENCE = summary_pb2.DATA_CLASS_BLOB_SEQUENCE
 
 #: Version 2 adds the kernel size and the structure measures: the median dissimilarity to the
-#: nearest prototype and the null level (the same kernels spatially shuffled, classified).
+#: nearest prototype and the null level (the same kernels spatially shuffled, classified);
+#: version 3 the smooth null (smooth random kernels of the layer's smoothness, classified).
 CLUSTERED_FIELDS = (
     "clustered_fraction",
     "n_kernels",
@@ -68,6 +71,20 @@ CLUSTERED_FIELDS = (
     "median_dissimilarity",
     "null_clustered_fraction",
     "null_median_dissimilarity",
+    "smooth_null_clustered_fraction",
+    "smooth_null_median_dissimilarity",
+)
+#: The two nulls, in the rows of a ``null_proportions`` record (see :mod:`kernelwatch.structure`).
+NULLS = ("shuffled", "smooth")
+#: Figures of a ``clustered_fraction`` record also written as stock scalars (the heat map's
+#: measures; update-lens ones prefixed ``update.``).
+SCALAR_MEASURES = (
+    "clustered_fraction",
+    "median_dissimilarity",
+    "null_clustered_fraction",
+    "null_median_dissimilarity",
+    "smooth_null_clustered_fraction",
+    "smooth_null_median_dissimilarity",
 )
 ACTIVATION_STATS = ("count", "mean", "q1", "median", "q3")
 HISTOGRAM_ROWS = ("clustered", "unclustered")
@@ -81,6 +98,7 @@ ANOMALY_KEYS = ("layer", "kind", "severity", "message", "numbers")
 _KINDS: dict[str, tuple[int, str, dict[str, Any]]] = {
     PROPORTIONS: (TENSOR, "layer", {"clusters": list(CLUSTERS)}),
     CLUSTERED_FRACTION: (TENSOR, "layer", {"fields": list(CLUSTERED_FIELDS)}),
+    NULL_PROPORTIONS: (TENSOR, "layer", {"nulls": list(NULLS), "clusters": list(CLUSTERS)}),
     TOTAL_ACTIVATION: (TENSOR, "layer", {"clusters": list(CLUSTERS), "stats": list(ACTIVATION_STATS)}),
     CODE_HISTOGRAM: (TENSOR, "layer", {"rows": list(HISTOGRAM_ROWS), "range": [0.0, 1.0]}),
     QUALITY: (TENSOR, "layer", {"metrics": list(QUALITY_METRICS)}),
@@ -91,13 +109,19 @@ _KINDS: dict[str, tuple[int, str, dict[str, Any]]] = {
 }
 KINDS: tuple[str, ...] = tuple(_KINDS)
 #: The content fields an older version wrote differently; the others are as in the current one.
-_OLDER_FIELDS: dict[int, dict[str, dict[str, Any]]] = {1: {CLUSTERED_FRACTION: {"fields": list(CLUSTERED_FIELDS[:3])}}}
+_OLDER_FIELDS: dict[int, dict[str, dict[str, Any]]] = {
+    1: {CLUSTERED_FRACTION: {"fields": list(CLUSTERED_FIELDS[:3])}},
+    2: {CLUSTERED_FRACTION: {"fields": list(CLUSTERED_FIELDS[:7])}},
+}
+#: The version that introduced each kind younger than version 1.
+_SINCE = {NULL_PROPORTIONS: 3}
 #: Kinds that the update lens writes too (its kernels' activation and quality mean nothing).
-UPDATE_KINDS = (PROPORTIONS, CLUSTERED_FRACTION, CODE_HISTOGRAM, SPRITE)
+UPDATE_KINDS = (PROPORTIONS, CLUSTERED_FRACTION, NULL_PROPORTIONS, CODE_HISTOGRAM, SPRITE)
 #: The content fields naming each axis of a tensor record.
 _TENSOR_AXES = {
     PROPORTIONS: ("clusters",),
     CLUSTERED_FRACTION: ("fields",),
+    NULL_PROPORTIONS: ("nulls", "clusters"),
     QUALITY: ("metrics",),
     TOTAL_ACTIVATION: ("clusters", "stats"),
     CODE_HISTOGRAM: ("rows",),
@@ -323,8 +347,8 @@ def parse_content(content: bytes, data_class: int | None = None) -> RecordInfo:
             "upgrade kernelwatch to read it"
         )
     kind = content.get("kind")
-    if not isinstance(kind, str) or kind not in _KINDS:
-        raise FormatError(f"unknown kernelwatch record kind {_short(kind)}")
+    if not isinstance(kind, str) or kind not in _KINDS or version < _SINCE.get(kind, 1):
+        raise FormatError(f"unknown kernelwatch record kind {_short(kind)} in format version {version}")
     expected, scope, _ = _KINDS[kind]
     if data_class is not None and data_class != expected:
         raise FormatError(f"{kind} record has data class {data_class}, expected {expected}")
@@ -676,9 +700,9 @@ def decode_tensor(info: RecordInfo, value: np.ndarray) -> dict[str, Any]:
     :func:`check_tensor` accepts it.
 
     Returns ``{cluster: share}``, ``{field: value}``, ``{metric: value}``, ``{cluster: {stat:
-    value}}`` (clusters with no kernels left out) or ``{row: counts}`` (histogram rows). A
-    ``clustered_fraction`` record has every field of :data:`CLUSTERED_FIELDS`, None where an
-    older writer did not write it.
+    value}}`` (clusters with no kernels left out), ``{null: {cluster: share}}`` or ``{row:
+    counts}`` (histogram rows). A ``clustered_fraction`` record has every field of
+    :data:`CLUSTERED_FIELDS`, None where an older writer did not write it.
 
     >>> decode_tensor(parse_metadata(summary_metadata(QUALITY, layer="c")), np.array([0.0, 0.9, 0.7]))
     {'sparsity': 0.0, 'variance_entropy': 0.9, 'orthogonality': 0.7}
@@ -690,10 +714,60 @@ def decode_tensor(info: RecordInfo, value: np.ndarray) -> dict[str, Any]:
     if info.kind == TOTAL_ACTIVATION:
         stats = info.fields["stats"]
         return {c: dict(zip(stats, map(float, row))) for c, row in zip(names, value) if row[0] > 0}
+    if info.kind == NULL_PROPORTIONS:
+        return {null: dict(zip(info.fields["clusters"], map(float, row))) for null, row in zip(names, value)}
     decoded = {name: float(v) for name, v in zip(names, value)}
     if info.kind == CLUSTERED_FRACTION:
         return {name: decoded.get(name) for name in CLUSTERED_FIELDS}
     return decoded
+
+
+# -- chance ---------------------------------------------------------------------------------
+
+
+def chance_fraction(shuffled: float | None, smooth: float | None) -> float | None:
+    """The clustered fraction chance gives, by the stricter of the two nulls: the larger of
+    theirs, or the one measured (logs before version 3 have no smooth null); None if neither.
+
+    >>> chance_fraction(0.01, 0.3), chance_fraction(0.02, None), chance_fraction(float("nan"), None)
+    (0.3, 0.02, None)
+    """
+    return _extreme(max, shuffled, smooth)
+
+
+def chance_dissimilarity(shuffled: float | None, smooth: float | None) -> float | None:
+    """The median dissimilarity chance gives, by the stricter of the two nulls: the smaller."""
+    return _extreme(min, shuffled, smooth)
+
+
+def above_chance(value: float | None, chance: float | None) -> float | None:
+    """``value - chance``, or None if either is unknown: structure above chance (a clustered
+    fraction or a family's share less the stricter null's).
+
+    >>> above_chance(0.75, chance_fraction(0.02, 0.25))
+    0.5
+    """
+    return None if value is None or chance is None or not math.isfinite(value) else value - chance
+
+
+def families_above_chance(
+    proportions: Mapping[str, float], nulls: Mapping[str, Mapping[str, float]]
+) -> dict[str, float | None]:
+    """Each family's share of the kernels less the larger of the two nulls' shares of it
+    (``nulls`` as :func:`decode_tensor` reads a ``null_proportions`` record).
+
+    >>> families_above_chance({"on-centre": 0.5}, {"shuffled": {"on-centre": 0.0}, "smooth": {"on-centre": 0.25}})
+    {'on-centre': 0.25}
+    """
+    return {
+        name: above_chance(share, chance_fraction(*(nulls.get(null, {}).get(name) for null in NULLS)))
+        for name, share in proportions.items()
+    }
+
+
+def _extreme(pick: Any, *values: float | None) -> float | None:
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    return pick(known) if known else None
 
 
 def _kind(kind: str) -> tuple[int, str, dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernelwatch._config import CLUSTERS, DEFAULT_SEED
+from kernelwatch._config import CLUSTERS, DEFAULT_SEED, INVALID, UNCLUSTERED
 from kernelwatch.errors import KernelWatchError
 
 
@@ -35,10 +35,17 @@ def family(labels: np.ndarray) -> np.ndarray:
 
 def cluster_proportions(labels: np.ndarray) -> dict[str, float]:
     """Share of all kernels in each cluster; unclustered and invalid kernels count in the total
-    but in no cluster, so the shares sum to the clustered fraction (as in the paper's bar plots)."""
+    but in no cluster, so the shares sum to the clustered fraction (as in the paper's bar plots).
+
+    >>> cluster_proportions(np.array(["on-centre", "unclustered", "first-derivative/left", "on-centre"]))["on-centre"]
+    0.5
+    """
     per_family = dict.fromkeys(CLUSTERS, 0)
-    # Counted as Python strings: a layer has hundreds of kernels but a dozen labels.
-    for label, count in Counter(np.asarray(labels, dtype=str).tolist()).items():
+    labels = np.asarray(labels, dtype=str)
+    # Counted as Python strings, the clustered ones only: a layer has hundreds of kernels but a
+    # dozen labels, and a null's kernels are nearly all unclustered.
+    clustered = labels[(labels != UNCLUSTERED) & (labels != INVALID)]
+    for label, count in Counter(clustered.tolist()).items():
         name = label.split("/", 1)[0]
         if name in per_family:
             per_family[name] += count

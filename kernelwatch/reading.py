@@ -51,9 +51,9 @@ _JSON_COST = 8
 _SCALARS = "scalars"
 _SCALAR_LIMIT = 1000
 #: The content field naming the entries of each tensor kind the timeline shows.
-_AXIS = {fmt.PROPORTIONS: "clusters", fmt.CLUSTERED_FRACTION: "fields", fmt.QUALITY: "metrics"}
+_AXIS = {fmt.PROPORTIONS: "clusters", fmt.CLUSTERED_FRACTION: "fields", fmt.NULL_PROPORTIONS: "nulls", fmt.QUALITY: "metrics"}
 #: Figures of a layer's ``clustered_fraction`` record the heat map can show.
-MEASURES = ("clustered_fraction", "median_dissimilarity", "null_clustered_fraction", "null_median_dissimilarity")
+MEASURES = fmt.SCALAR_MEASURES
 #: Kinds written for classified (depthwise) layers only; quality is written for every conv.
 _DEPTHWISE_KINDS = (fmt.PROPORTIONS, fmt.CLUSTERED_FRACTION, fmt.TOTAL_ACTIVATION, fmt.CODE_HISTOGRAM, fmt.SPRITE)
 _LAYER_KINDS = (*_DEPTHWISE_KINDS, fmt.QUALITY)
@@ -229,10 +229,11 @@ class Reader:
         return {"run": run, "layers": layers, "errors": _bounded(index.errors)}
 
     def timeline(self, ctx: Any, eid: str, run: str, layer: str, lens: str = fmt.WEIGHTS) -> dict[str, Any]:
-        """Cluster proportions, clustered fraction with the structure measures, and (weights
+        """Cluster proportions, clustered fraction with the structure measures, the nulls' family
+        shares (``null_proportions``: per null, a ``{family: share}`` per step) and (weights
         lens) quality metrics of a layer over time."""
         index = self.run_index(ctx, eid, run)
-        kinds = [k for k in (fmt.PROPORTIONS, fmt.CLUSTERED_FRACTION, fmt.QUALITY) if index.has(k, layer, lens)]
+        kinds = [k for k in _AXIS if index.has(k, layer, lens)]
         if not kinds:
             raise NotFound(f"run {run!r} has no timeline records for layer {layer!r} in the {lens} lens")
         data, errors = self._tensors(ctx, eid, index, [index.tag(k, layer, lens) for k in kinds])
@@ -486,21 +487,25 @@ class Reader:
 
     def summary(self, ctx: Any, eid: str) -> dict[str, Any]:
         """What the log holds, per run, layer (in model order) and step: the figures of both
-        lenses and every anomaly flag. The JSON of ``kernelwatch summary --json``."""
+        lenses with their structure above chance, each lens's families above chance at its last
+        snapshot, and every anomaly flag. The JSON of ``kernelwatch summary --json``."""
         runs: dict[str, Any] = {}
+        kinds = (fmt.CLUSTERED_FRACTION, fmt.PROPORTIONS, fmt.NULL_PROPORTIONS)
         for run, index in self.index(ctx, eid).items():
             layers = [layer for layer in index.layers() if index.has(fmt.CLUSTERED_FRACTION, layer)]
             tags = {
-                (layer, lens): index.tag(fmt.CLUSTERED_FRACTION, layer, lens)
+                (kind, layer, lens): index.tag(kind, layer, lens)
+                for kind in kinds
                 for layer in layers
                 for lens in fmt.LENSES
-                if index.has(fmt.CLUSTERED_FRACTION, layer, lens)
+                if index.has(kind, layer, lens)
             }
             data, errors = self._tensors(ctx, eid, index, tags.values())
+            series = {key: data.get(tag, []) for key, tag in tags.items()}
             out: dict[str, Any] = {}
             for layer in layers:
-                weights = data.get(tags[layer, fmt.WEIGHTS], [])
-                update = dict(data.get(tags.get((layer, fmt.UPDATE)), []))
+                weights = series[fmt.CLUSTERED_FRACTION, layer, fmt.WEIGHTS]
+                update = dict(series.get((fmt.CLUSTERED_FRACTION, layer, fmt.UPDATE), []))
                 last = weights[-1][1] if weights else {}
                 out[layer] = {
                     "kernel_size": _integer(last.get("kernel_size")),
@@ -509,6 +514,13 @@ class Reader:
                         {"step": step, **_figures(value), "update": _figures(update[step]) if step in update else None}
                         for step, value in weights
                     ],
+                    "families_above_chance": {
+                        lens: _families_above_chance(
+                            series.get((fmt.PROPORTIONS, layer, lens), []),
+                            series.get((fmt.NULL_PROPORTIONS, layer, lens), []),
+                        )
+                        for lens in fmt.LENSES
+                    },
                 }
             anomalies = {"anomalies": [], "errors": []}
             if index.has(fmt.ANOMALIES):
@@ -722,8 +734,24 @@ class _LRU:
 
 
 def _figures(value: dict[str, Any]) -> dict[str, Any]:
-    """The summary's figures of one ``clustered_fraction`` record (None where not written)."""
-    return {name: value.get(name) for name in MEASURES}
+    """The summary's figures of one ``clustered_fraction`` record (None where not written), and
+    its structure above chance."""
+    figures = {name: value.get(name) for name in MEASURES}
+    chance = fmt.chance_fraction(figures["null_clustered_fraction"], figures["smooth_null_clustered_fraction"])
+    return figures | {"structure_above_chance": fmt.above_chance(figures["clustered_fraction"], chance)}
+
+
+def _families_above_chance(
+    proportions: list[tuple[int, dict[str, float]]], nulls: list[tuple[int, dict[str, dict[str, float]]]]
+) -> dict[str, Any] | None:
+    """``{"step", family: share above chance}`` at the last step that has both records, or None
+    (logs before format version 3 have no ``null_proportions``)."""
+    shares = dict(proportions)
+    both = [step for step, _ in nulls if step in shares]
+    if not both:
+        return None
+    step = both[-1]
+    return {"step": step, **fmt.families_above_chance(shares[step], dict(nulls)[step])}
 
 
 def _integer(value: float | None) -> int | None:

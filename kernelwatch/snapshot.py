@@ -170,9 +170,9 @@ def write_snapshot(
     reports: dict[tuple[str, str], tuple[LayerReport, torch.Tensor]] = {}
     for size, items in lenses.items():
         classified = classify_many_with_null([item[2] for item in items], spectra.get_for(size))
-        for (name, lens, _, cpu), (result, null, approach) in zip(items, classified):
+        for (name, lens, _, cpu), (result, nulls, approach) in zip(items, classified):
             dilation, weights = kernels.dilated.get(name), lens == WEIGHTS
-            report = layer_report(name, cpu, result, null, approach, dilation if weights else None, weights)
+            report = layer_report(name, cpu, result, nulls, approach, dilation if weights else None, weights)
             reports[name, lens] = report, cpu
     for name, layer in kernels.items():
         if name in written.no_spectrum:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,12 @@ from kernelwatch.errors import KernelWatchError
 def summarise(log_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``{"runs": {RUN: {"layers": {LAYER: {"kernel_size", "n_kernels", "series": [{"step",
     "clustered_fraction", "median_dissimilarity", "null_clustered_fraction",
-    "null_median_dissimilarity", "update": {...} or None}]}}, "first_layer": {"layer", "step", "source",
-    "n_patches", "whitening", "reflections"} or None, "anomalies": [...], "errors": [...]}}}``
-    for every run under ``log_dir``; layers in model order."""
+    "null_median_dissimilarity", "smooth_null_clustered_fraction",
+    "smooth_null_median_dissimilarity", "structure_above_chance", "update": {...} or None}],
+    "families_above_chance": {"weights": {"step", FAMILY: share above chance} or None, "update":
+    ...}}}, "first_layer": {"layer", "step", "source", "n_patches", "whitening", "reflections"}
+    or None, "anomalies": [...], "errors": [...]}}}`` for every run under ``log_dir``; layers in
+    model order."""
     from tensorboard import context
     from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 
@@ -50,8 +54,10 @@ def summarise(log_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A table per run: each layer's figures at its first and last snapshot (``first>last``),
-    the null levels and the update lens at the last, then the anomalies."""
-    head = ("layer", "k", "kernels", "steps", "clust%", "null%", "median dissim", "null", "update clust%", "null%")
+    at the last the chance level (the stricter null's) and the structure above chance of both
+    lenses; then the families above chance and the anomalies."""
+    head = ("layer", "k", "kernels", "steps", "clust%", "chance%", "above", "median dissim", "chance",
+            "update clust%", "chance%", "above")  # fmt: skip
     lines = []
     for run, content in summary["runs"].items():
         rows = [head]
@@ -66,16 +72,23 @@ def format_summary(summary: dict[str, Any]) -> str:
                 _text(layer["n_kernels"], "d"),
                 f"{first['step']}>{last['step']}",
                 f"{_pct(first['clustered_fraction'])}>{_pct(last['clustered_fraction'])}",
-                _pct(last["null_clustered_fraction"]),
+                _pct(_chance_fraction(last)),
+                _pct(last["structure_above_chance"]),
                 f"{_text(first['median_dissimilarity'], '.3f')}>{_text(last['median_dissimilarity'], '.3f')}",
-                _text(last["null_median_dissimilarity"], ".3f"),
+                _text(fmt.chance_dissimilarity(last["null_median_dissimilarity"], last["smooth_null_median_dissimilarity"]), ".3f"),
                 _pct(update.get("clustered_fraction")),
-                _pct(update.get("null_clustered_fraction")),
+                _pct(_chance_fraction(update)),
+                _pct(update.get("structure_above_chance")),
             ))  # fmt: skip
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines.append(f"run {run}")
         for row in rows:
             lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        for lens in fmt.LENSES:
+            families = _families_above_chance(content["layers"].values(), lens)
+            if families:
+                shares = ", ".join(f"{family} {100 * value:+.1f}" for family, value in families.items())
+                lines.append(f"  families above chance at the last snapshot ({lens}, % of all kernels): {shares}")
         first = content.get("first_layer")
         if first:
             reflections = first["reflections"]
@@ -88,6 +101,26 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines += [f"  step {flag['step']} [{flag['severity']}] {flag['message']}" for flag in content["anomalies"]]
         lines += [f"  unreadable: {error}" for error in content["errors"]]
     return "\n".join(lines)
+
+
+def _families_above_chance(layers: Iterable[dict[str, Any]], lens: str) -> dict[str, float]:
+    """Each family's share above chance in ``lens`` at the layers' last snapshots, weighted by
+    their kernels."""
+    weighted: dict[str, float] = {}
+    total = 0
+    for layer in layers:
+        above, n = layer["families_above_chance"][lens], layer["n_kernels"]
+        if above is None or not n:
+            continue
+        total += n
+        for family, value in above.items():
+            if family != "step" and value is not None:
+                weighted[family] = weighted.get(family, 0.0) + value * n
+    return {family: value / total for family, value in weighted.items()}
+
+
+def _chance_fraction(figures: dict[str, Any]) -> float | None:
+    return fmt.chance_fraction(figures.get("null_clustered_fraction"), figures.get("smooth_null_clustered_fraction"))
 
 
 def _text(value: float | None, spec: str) -> str:

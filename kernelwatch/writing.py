@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 #: Bins of the code histogram over [0, 1].
 CODE_BINS = 50
 _CODE_EDGES = np.linspace(0.0, 1.0, CODE_BINS + 1)
-#: Figures of a layer also written as stock scalars (update-lens ones prefixed ``update.``).
-_SCALAR_FIELDS = ("clustered_fraction", "median_dissimilarity", "null_clustered_fraction", "null_median_dissimilarity")
 
 
 class EventWriter:
@@ -98,11 +96,11 @@ class EventWriter:
         order: int | None = None,
     ) -> None:
         """A depthwise layer's figures at ``step``: proportions, clustered fraction with the
-        structure measures, total activation (weights lens only) and the matching stock
-        scalars; with ``report.result``, also the code histogram and, when the layer's
-        ``[C, k, k]`` ``kernels`` are given, the kernel sprite. ``lens`` says whether the
-        kernels are the weights or the update since the run's first snapshot; ``order`` is
-        the layer's position in the model."""
+        structure measures, the nulls' proportions (when measured), total activation (weights
+        lens only) and the matching stock scalars; with ``report.result``, also the code
+        histogram and, when the layer's ``[C, k, k]`` ``kernels`` are given, the kernel sprite.
+        ``lens`` says whether the kernels are the weights or the update since the run's first
+        snapshot; ``order`` is the layer's position in the model."""
         layer = report.name
         proportions = np.array([report.proportions[c] for c in CLUSTERS], np.float32)
         clustered = np.array([getattr(report, name) for name in fmt.CLUSTERED_FIELDS], np.float64)
@@ -110,8 +108,11 @@ class EventWriter:
         values = [
             self._tensor(fmt.PROPORTIONS, layer, proportions, lens, order),
             self._tensor(fmt.CLUSTERED_FRACTION, layer, clustered, lens, order),
-            *(self._scalar(fmt.scalar_tag(prefix + name, layer), getattr(report, name)) for name in _SCALAR_FIELDS),
+            *(self._scalar(fmt.scalar_tag(prefix + name, layer), getattr(report, name)) for name in fmt.SCALAR_MEASURES),
         ]
+        if report.null_proportions:
+            nulls = [[report.null_proportions.get(null, {}).get(c, np.nan) for c in CLUSTERS] for null in fmt.NULLS]
+            values.append(self._tensor(fmt.NULL_PROPORTIONS, layer, np.array(nulls, np.float32), lens, order))
         if lens == fmt.WEIGHTS:
             values.append(self._tensor(fmt.TOTAL_ACTIVATION, layer, _activation(report), lens, order))
             values.extend(self._scalar(fmt.scalar_tag("proportion", layer, c), p) for c, p in zip(CLUSTERS, proportions))

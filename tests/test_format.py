@@ -22,10 +22,10 @@ def test_format_imports_without_torch():
 
 
 def test_constants():
-    assert fmt.PLUGIN_NAME == "kernelwatch" and fmt.FORMAT_VERSION == 2
+    assert fmt.PLUGIN_NAME == "kernelwatch" and fmt.FORMAT_VERSION == 3
     assert issubclass(fmt.FormatError, KernelWatchError)
     assert set(fmt.KINDS) == {
-        "proportions", "clustered_fraction", "total_activation", "code_histogram",
+        "proportions", "clustered_fraction", "null_proportions", "total_activation", "code_histogram",
         "sprite", "spectrum", "anomalies", "quality", "first_layer",
     }  # fmt: skip
 
@@ -109,12 +109,15 @@ GOOD = (
         (_meta(b"\xff{not json"), "invalid JSON"),
         (_meta(b"[1, 2]"), "not a JSON object"),
         (_meta(GOOD.replace(b'"version":1', b'"version":"1"')), "no valid version"),
-        (_meta(GOOD.replace(b'"version":1', b'"version":3')), "newer than this reader"),
+        (_meta(GOOD.replace(b'"version":1', b'"version":4')), "newer than this reader"),
         (_meta(GOOD.replace(b"{", b'{"lens":"update",', 1)), "invalid lens"),
         (_meta(GOOD.replace(b"{", b'{"lens":"gradient",', 1)), "invalid lens"),
         (_meta(GOOD.replace(b"{", b'{"order":-1,', 1)), "invalid layer order"),
         (_meta(GOOD.replace(b"{", b'{"order":"3",', 1)), "invalid layer order"),
         (_meta(GOOD.replace(b"quality", b"qualia")), "unknown kernelwatch record kind"),
+        # Version 3 introduced the nulls' proportions: a version-2 record of that kind is forged.
+        (_meta(b'{"version":2,"kind":"null_proportions","layer":"c","kernel_size":null,'
+               b'"nulls":["shuffled","smooth"],"clusters":[]}'), "unknown kernelwatch record kind"),
         (_meta(GOOD, data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE), "data class"),
         (_meta(GOOD, data_class=summary_pb2.DATA_CLASS_UNKNOWN), "data class"),
         (_meta(GOOD.replace(b'"layer":"c"', b'"layer":null')), "invalid layer"),
@@ -228,4 +231,31 @@ def test_version_1_records_still_read():
     assert decoded == {
         "clustered_fraction": 0.25, "n_kernels": 64.0, "n_invalid": 1.0, "kernel_size": None,
         "median_dissimilarity": None, "null_clustered_fraction": None, "null_median_dissimilarity": None,
+        "smooth_null_clustered_fraction": None, "smooth_null_median_dissimilarity": None,
     }  # fmt: skip
+
+
+def test_version_2_records_still_read():
+    """A version-2 clustered_fraction record (seven fields) reads back with the smooth null missing."""
+    fields = fmt.content_fields(fmt.CLUSTERED_FRACTION, version=2)
+    assert fields == {"fields": list(fmt.CLUSTERED_FIELDS[:7])}
+    content = fmt.encode_json({"version": 2, "kind": "clustered_fraction", "layer": "dw", "kernel_size": None, **fields})
+    info = fmt.parse_metadata(_meta(content))
+    decoded = fmt.decode_tensor(info, np.array([0.5, 64.0, 0.0, 5.0, 0.2, 0.01, 0.7]))
+    assert decoded["null_median_dissimilarity"] == 0.7
+    assert decoded["smooth_null_clustered_fraction"] is None and decoded["smooth_null_median_dissimilarity"] is None
+    with pytest.raises(fmt.FormatError, match="shape"):  # a version-2 record with version 3's fields' values
+        fmt.decode_tensor(info, np.zeros(9))
+
+
+def test_null_proportions_decode_per_null_and_family():
+    info = fmt.parse_metadata(fmt.summary_metadata(fmt.NULL_PROPORTIONS, "dw", lens=fmt.UPDATE))
+    value = np.zeros((2, 9), np.float32)
+    value[1, 4] = 0.25  # the smooth null's first derivatives
+    decoded = fmt.decode_tensor(info, value)
+    assert list(decoded) == ["shuffled", "smooth"] and decoded["smooth"]["first-derivative"] == 0.25
+    assert fmt.families_above_chance({"first-derivative": 0.5, "on-centre": 0.125}, decoded) == {
+        "first-derivative": 0.25, "on-centre": 0.125
+    }  # fmt: skip
+    with pytest.raises(fmt.FormatError, match="shape"):
+        fmt.decode_tensor(info, np.zeros(9))

@@ -110,7 +110,7 @@ def _json(value) -> bytes:
 
 
 ZEROS9 = arr(np.zeros(9, np.float32))
-GOOD_CF = arr(np.array([0.5, 64, 0, 5, 0.4, 0.1, 0.6]))
+GOOD_CF = arr(np.array([0.5, 64, 0, 5, 0.4, 0.1, 0.6, 0.2, 0.5]))
 
 
 @functools.cache

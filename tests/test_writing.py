@@ -92,7 +92,7 @@ def run(tmp_path_factory):
 def expected_tags() -> set[str]:
     tags = {fmt.make_tag(fmt.SPECTRUM, 5), fmt.make_tag(fmt.ANOMALIES)}
     for layer in DW_LAYERS:
-        kinds = (fmt.PROPORTIONS, fmt.CLUSTERED_FRACTION, fmt.TOTAL_ACTIVATION, fmt.CODE_HISTOGRAM, fmt.SPRITE)
+        kinds = (fmt.PROPORTIONS, fmt.CLUSTERED_FRACTION, fmt.NULL_PROPORTIONS, fmt.TOTAL_ACTIVATION, fmt.CODE_HISTOGRAM, fmt.SPRITE)
         tags |= {fmt.make_tag(kind, layer) for kind in kinds}
     return tags | {fmt.make_tag(fmt.QUALITY, layer) for layer in ("stem.conv", DW_LAYERS[0])}
 
@@ -111,9 +111,16 @@ def check_tensor(run, info: fmt.RecordInfo, step: int, value: np.ndarray) -> Non
             {name: getattr(report, name) for name in fmt.CLUSTERED_FIELDS}, rel=1e-12
         ) and named["n_kernels"] == 96 and named["kernel_size"] == 5  # fmt: skip
         assert report.n_invalid >= 1
-        # DoG-family kernels: far nearer their prototypes than their shuffled copies.
+        # DoG-family kernels: far nearer their prototypes than their shuffled copies, and than
+        # smooth random kernels of their smoothness.
         assert named["median_dissimilarity"] < 0.5 * named["null_median_dissimilarity"]
         assert named["clustered_fraction"] > 10 * named["null_clustered_fraction"]
+        assert named["median_dissimilarity"] < 0.7 * named["smooth_null_median_dissimilarity"]
+        assert named["clustered_fraction"] > 2 * named["smooth_null_clustered_fraction"]
+    elif info.kind == fmt.NULL_PROPORTIONS:
+        assert named == {null: pytest.approx(report.null_proportions[null], rel=1e-6) for null in fmt.NULLS}
+        assert sum(named["shuffled"].values()) == pytest.approx(report.null_clustered_fraction, rel=1e-6)
+        assert sum(named["smooth"].values()) == pytest.approx(report.smooth_null_clustered_fraction, rel=1e-6)
     elif info.kind == fmt.TOTAL_ACTIVATION:
         assert named.keys() == report.total_activation.keys()
         for cluster, stats in named.items():
