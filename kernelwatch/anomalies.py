@@ -87,14 +87,16 @@ class AnomalyConfig:
     ``docs/anomalies.md`` (``benchmarks/measure_anomaly_defaults.py``)."""
 
     structured_fraction: float = 0.2
-    """A clustered fraction at or above this is "structured": the reference layers of rules
-    (a) and (b) must reach it (as a median), and so must a layer's best earlier value for (c).
-    Measured: trained EfficientNet-Lite0/1/2 layers 0.177 at the lowest; random-init timm
-    layers 0.031 at the most."""
+    """A clustered fraction at or above this is "structured": the reference layers of (b) must
+    reach it (as a median), and so must a layer's best earlier value for (c); for (a), and to
+    tell whether the weights are structured, the same bound holds for the structure above
+    chance (the clustered fraction less the null level). Measured: trained
+    EfficientNet-Lite0/1/2 layers 0.177 clustered (0.156 above chance) at the lowest;
+    random-init timm layers 0.031 at the most."""
 
     null_margin: float = 0.05
-    """(a) A layer is at the null level when its clustered fraction is at most the spectrum's
-    shuffled-kernel false-positive rate plus this margin."""
+    """(a) A layer is at the null level when its clustered fraction is at most the null level
+    (the stricter of its two nulls, or the spectrum's shuffled-kernel rate) plus this margin."""
 
     null_levels: Mapping[int, float] | None = None
     """Null level per kernel size; ``None`` takes ``shuffled_false_positive_rate`` from the
@@ -168,13 +170,19 @@ def _shipped_null_level(kernel_size: int) -> float:
 
 
 def _null_level(layer: LayerReport, config: AnomalyConfig) -> float:
-    """The configured level for the layer's kernel size, else the larger of the layer's own
-    measured null (its kernels shuffled) and the shipped spectrum's."""
+    """The configured level for the layer's kernel size, else the largest of the layer's own
+    measured nulls (its kernels shuffled, smooth random kernels of its smoothness) and the
+    shipped spectrum's."""
     k = layer.kernel_size
     if config.null_levels is not None and k in config.null_levels:
         return float(config.null_levels[k])
-    measured = layer.null_clustered_fraction
+    measured = layer.chance_fraction
     return max(_shipped_null_level(k), measured) if math.isfinite(measured) else _shipped_null_level(k)
+
+
+def _above_chance(layer: LayerReport, config: AnomalyConfig) -> float:
+    """The layer's clustered fraction less its null level."""
+    return layer.clustered_fraction - _null_level(layer, config)
 
 
 def _pct(x: float) -> str:
@@ -193,7 +201,7 @@ def detect(
     the reports of the update lens (each layer's ``W_t - W_first``).
 
     Rules (a) and (b) also run on the update lens while the weights are unstructured (their
-    median clustered fraction below ``structured_fraction``): early in a training from a random
+    median structure above chance below ``structured_fraction``): early in a training from a random
     start the weights are unstructured everywhere, but the updates are not, so a layer into
     which training writes no structure while it does into the others is flagged long before
     the weights cross the threshold. A layer gets at most one flag of each kind, and one flagged memorisation-like
@@ -221,7 +229,7 @@ def detect(
     # The update lens stands in for the weights only while they are still unstructured: once
     # they are, they are judged themselves, and the update of a layer that was structured from
     # the start (a DoG initialisation) may rightly be small and patternless.
-    weights_structured = judged and statistics.median(r.clustered_fraction for r in judged.values()) >= (
+    weights_structured = judged and statistics.median(_above_chance(r, config) for r in judged.values()) >= (
         config.structured_fraction
     )
     if updates and not weights_structured:
@@ -264,7 +272,7 @@ def _invalid(step: int, name: str, layer: LayerReport, config: AnomalyConfig) ->
 def _memorisation(
     step: int, name: str, layer: LayerReport, judged: Mapping[str, LayerReport], config: AnomalyConfig, lens: str
 ) -> Anomaly | None:
-    others = [other.clustered_fraction for key, other in judged.items() if key != name]
+    others = [_above_chance(other, config) for key, other in judged.items() if key != name]
     if len(others) < config.min_neighbours:
         return None
     others_median = statistics.median(others)
@@ -274,25 +282,27 @@ def _memorisation(
     if others_median < config.structured_fraction or fraction > null + config.null_margin:
         return None
     k = layer.kernel_size
+    chance = f"at the {_pct(null)} that chance gives (its {'kernels' if lens == WEIGHTS else 'updates'} "
+    chance += "shuffled, or smooth random kernels as smooth as they are)"
     if lens == WEIGHTS:
         message = (
             f"layer {name!r} looks memorisation-like: {_pct(fraction)} of its {k}x{k} kernels are clustered, "
-            f"at the {_pct(null)} that spatially shuffled kernels reach, while the median of the "
-            f"other {len(others)} layers is {_pct(others_median)}"
+            f"{chance}, while the other {len(others)} layers are a median {_pct(others_median)} above chance"
         )
     else:
         message = (
             f"layer {name!r} looks memorisation-like: training writes no pattern into it. {_pct(fraction)} "
-            f"of its {k}x{k} kernels' updates since the first snapshot are clustered, at the {_pct(null)} "
-            f"of their spatially shuffled copies, while the median of the other {len(others)} layers' "
-            f"updates is {_pct(others_median)}"
+            f"of its {k}x{k} kernels' updates since the first snapshot are clustered, {chance}, while the "
+            f"other {len(others)} layers' updates are a median {_pct(others_median)} above chance"
         )
     return Anomaly(
         step, name, "memorisation", "warning", message,
         {
             "clustered_fraction": fraction,
             "null_level": null,
-            "others_median": others_median,
+            "shuffled_null": layer.null_clustered_fraction,
+            "smooth_null": layer.smooth_null_clustered_fraction,
+            "others_above_chance": others_median,
             "n_others": float(len(others)),
             "n_kernels": float(layer.n_kernels),
             "update_lens": float(lens == UPDATE),
