@@ -274,22 +274,38 @@ def test_lens_and_measure_selectors_change_the_views(browser, tensorboard):
         return frame.get_attribute(heatmap, "data-digest"), frame.eval_on_selector_all(f"{heatmap} canvas", PIXELS)
 
     weights_fraction = heatmap_state()
-    # The timeline has the structure measures and their nulls, and variance entropy on its own axis.
+    # The timeline has the structure measures and both nulls, each family's share above chance,
+    # and variance entropy on its own axis.
     frame.wait_for_selector("#kw-timeline .kw-chart[data-points='4'][data-lens='weights']")
     series = frame.get_attribute("#kw-timeline .kw-chart", "data-series").split("|")
-    lines = {"median dissimilarity", "null: median dissimilarity", "null: clustered fraction", "variance entropy"}
+    lines = {"median dissimilarity", "variance entropy"} | {
+        f"{null} null: {figure}" for null in ("shuffled", "smooth") for figure in ("median dissimilarity", "clustered fraction")
+    }
     assert lines <= set(series)
-    assert "Null: the same kernels with their weights spatially shuffled" in frame.locator("#kw-timeline").inner_text()
+    # Each family twice: its area of the share, and its line above chance.
+    assert series.count("on-centre") == 2
+    text = frame.locator("#kw-timeline").inner_text()
+    assert "the shuffled null (the same kernels with their weights spatially shuffled)" in text
+    assert "Above chance: each family's share less the stricter null's" in text
 
     frame.select_option("select[title='Measure']", "structure")
     frame.wait_for_selector(f"{heatmap}[data-measure='structure'][data-lens='weights']")
     weights_structure = heatmap_state()
-    assert weights_structure[0] != weights_fraction[0] and weights_structure[1] != weights_fraction[1]
+    assert weights_structure[1] != weights_fraction[1]  # another colour scale
     assert "structure above chance" in frame.locator("#kw-heatmap h2").inner_text()
-    # Early on the weights' clustered fraction is ~0, while their structure is already above chance.
-    assert float(weights_fraction[0]) < float(weights_structure[0])
+    # The clustered fraction less the stricter null's (these weights' nulls are near 0).
+    assert float(weights_fraction[0]) - 0.5 <= float(weights_structure[0]) <= float(weights_fraction[0])
+    frame.select_option("select[title='Measure']", "closer")
+    frame.wait_for_selector(f"{heatmap}[data-measure='closer'][data-lens='weights']")
+    weights_closer = heatmap_state()
+    assert "closer than chance" in frame.locator("#kw-heatmap h2").inner_text()
+    # Early on the weights' clustered fraction is ~0, while they are already closer to the
+    # patterns than chance puts them.
+    assert float(weights_fraction[0]) < float(weights_closer[0])
     frame.locator("#kw-heatmap .kw-chart").scroll_into_view_if_needed()
     screenshot(page, "kernelwatch-structure-weights.png")
+    frame.select_option("select[title='Measure']", "structure")
+    frame.wait_for_selector(f"{heatmap}[data-measure='structure'][data-lens='weights']")
 
     # The update lens: heat map, timeline and sprite all switch; its first snapshot has no update.
     frame.select_option("select[title='Lens']", "update")

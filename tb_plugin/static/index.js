@@ -22,8 +22,9 @@ const GREY = "#bab0ac";
 const LENS_LABELS = { weights: "weights", update: "update (W − W₀)" };
 const LENS_NOTE = "Update lens: the cumulative change W − W₀ of each kernel since the run's first snapshot, " +
   "i.e. what training wrote into the kernels. The first snapshot has no update.";
-const NULL_NOTE = "Null: the same kernels with their weights spatially shuffled, the level chance alone gives. " +
-  "A median dissimilarity below its null means structure above chance.";
+const NULL_NOTE = "Chance is measured twice per layer: the shuffled null (the same kernels with their weights " +
+  "spatially shuffled) and the smooth null (random kernels as smooth as the layer's, with no pattern: smooth " +
+  "noise often looks like a first derivative). Structure above chance is measured against the stricter of the two.";
 
 const BLUES = ["#f7fbff", "#c6dbef", "#6baed6", "#2171b5", "#08306b"];
 // Orange below chance, white at chance, blue above: blue always means "more structure".
@@ -31,6 +32,18 @@ const DIVERGING = ["#b35806", "#f1a340", "#fee0b6", "#f7f7f7", "#c6dbef", "#4292
 
 const ceilTo = (x, unit) => Math.ceil(x / unit - 1e-9) * unit;
 const floorTo = (x, unit) => Math.floor(x / unit + 1e-9) * unit;
+
+const known = (xs) => xs.filter((x) => x !== null && x !== undefined);
+/** ``value`` less what chance gives by the stricter of the ``nulls`` (``pick``: Math.max for a
+ * share, Math.min for a dissimilarity, negated with ``sign``); null when either is unknown. */
+function aboveChance(value, nulls, pick, sign = 1) {
+  const measured = known(nulls);
+  return value === null || value === undefined || !measured.length ? null : sign * (value - pick(...measured));
+}
+const divergingScale = (lo, hi) => {
+  const m = Math.max(0.05, ceilTo(Math.max(Math.abs(lo), Math.abs(hi)), 0.05));
+  return { min: -m, max: m, colours: DIVERGING, text: [`+${num(m)}: structured`, `−${num(m)}`] };
+};
 
 /** Heat-map measures: the backend measures each asks for, how they combine, colour scale, legend. */
 const MEASURES = {
@@ -41,6 +54,16 @@ const MEASURES = {
     scale: () => ({ min: 0, max: 1, colours: BLUES, text: ["1: all clustered", "0"] }),
     legend: "Share of the layer's kernels within the spectrum's threshold of a DoG pattern (the paper's " +
       "measure). Darker: more clustered.",
+  },
+  structure: {
+    label: "structure above chance",
+    fields: ["clustered_fraction", "null_clustered_fraction", "smooth_null_clustered_fraction"],
+    value: ([fraction, ...nulls]) => aboveChance(fraction, nulls, Math.max),
+    detail: ([fraction, shuffled, smooth]) => `\nclustered ${fixed(fraction)}, chance ${fixed(Math.max(...known([shuffled, smooth])))} ` +
+      `(shuffled ${fixed(shuffled)}, smooth ${fixed(smooth)})`,
+    scale: divergingScale,
+    legend: "Clustered fraction less the stricter null's. Blue: more of the layer's kernels match a pattern than " +
+      "chance gives; white: chance level.",
   },
   median_dissimilarity: {
     label: "median dissimilarity",
@@ -54,16 +77,15 @@ const MEASURES = {
     legend: "Median 1 − cos between each kernel and its nearest DoG prototype. Darker: closer to the " +
       "patterns. It falls long before kernels cross the clustering threshold.",
   },
-  structure: {
-    label: "structure above chance",
-    fields: ["median_dissimilarity", "null_median_dissimilarity"],
-    value: ([median, nullMedian]) => nullMedian - median,
-    scale: (lo, hi) => {
-      const m = Math.max(0.05, ceilTo(Math.max(Math.abs(lo), Math.abs(hi)), 0.05));
-      return { min: -m, max: m, colours: DIVERGING, text: [`+${num(m)}: structured`, `−${num(m)}`] };
-    },
-    legend: "Null median dissimilarity minus median dissimilarity. Blue: the kernels are closer to the " +
-      "patterns than shuffled copies of themselves, i.e. structure above chance; white: chance level.",
+  closer: {
+    label: "closer than chance",
+    fields: ["median_dissimilarity", "null_median_dissimilarity", "smooth_null_median_dissimilarity"],
+    value: ([median, ...nulls]) => aboveChance(median, nulls, Math.min, -1),
+    detail: ([median, shuffled, smooth]) => `\nchance ${fixed(Math.min(...known([shuffled, smooth])))} ` +
+      `(shuffled ${fixed(shuffled)}, smooth ${fixed(smooth)}) − median ${fixed(median)}`,
+    scale: divergingScale,
+    legend: "The stricter null's median dissimilarity less the layer's. Blue: the kernels are closer to the " +
+      "patterns than chance puts them, long before they cross the clustering threshold; white: chance level.",
   },
 };
 
@@ -245,7 +267,7 @@ async function loadHeatmap(run, lens, measureKey) {
     [layer, new Map(part.steps.map((step, j) => [step, part.values[i][j]]))])));
   const steps = [...new Set(parts.flatMap((part) => part.steps))].sort((a, b) => a - b);
   const inputs = first.layers.map((layer) => steps.map((step) => lookups.map((lookup) => lookup.get(layer)?.get(step) ?? null)));
-  const values = inputs.map((row) => row.map((xs) => (xs.some((x) => x === null) ? null : measure.value(xs))));
+  const values = inputs.map((row) => row.map((xs) => measure.value(xs)));
   return {
     run, lens, measure: measureKey, layers: first.layers, steps, values, inputs,
     sampled_layers: Math.max(...parts.map((part) => part.sampled_layers)),
@@ -276,7 +298,7 @@ function drawHeatmap(node, data, anomalies, onPick, { captions = true } = {}) {
   const box = chartBox(node, Math.max(160, 16 * data.layers.length + 96));
   // Early in training the clustered fraction is ~0 everywhere while structure already shows.
   const hint = data.measure === "clustered_fraction" && present.length && Math.max(...present) < 0.05
-    ? " Still near 0 everywhere: “structure above chance” shows structure long before kernels cluster." : "";
+    ? " Still near 0 everywhere: “closer than chance” shows structure long before kernels cluster." : "";
   const caption = el("p", { className: "kw-caption" }, measure.legend, hint,
     measure.fields.some((f) => f.startsWith("null")) ? ` ${NULL_NOTE}` : "",
     marks.length ? " Triangles: anomaly flags, coloured by the most severe." : "");
@@ -296,8 +318,7 @@ function drawHeatmap(node, data, anomalies, onPick, { captions = true } = {}) {
         const [x, y] = p.value;
         const where = `${layerNames[y]}\nstep ${stepLabels[x]}: `;
         if (p.seriesIndex === 1) return `${where}${plural(p.value[3], "anomaly flag")} (${p.value[2]})`;
-        const inputs = data.inputs[y][x];
-        const detail = data.measure === "structure" ? `\nnull ${fixed(inputs[1])} − median ${fixed(inputs[0])}` : "";
+        const detail = measure.detail ? measure.detail(data.inputs[y][x]) : "";
         return `${where}${measure.label} ${fixed(p.value[2])}${detail}`;
       },
     },
@@ -329,11 +350,27 @@ function drawHeatmap(node, data, anomalies, onPick, { captions = true } = {}) {
 }
 
 const hasValues = (values) => Array.isArray(values) && values.some((v) => v !== null && v !== undefined);
+/** The two nulls' figures in a `clustered_fraction` series, and how their lines are drawn. */
+const NULL_LINES = [
+  { name: "shuffled null", prefix: "null_", type: "dashed", colour: "#212121", width: 1.5 },
+  { name: "smooth null", prefix: "smooth_null_", type: "dotted", colour: "#7f2704", width: 2.5 },
+];
+
+/** Per family, at each step of ``proportions``, its share less the stricter null's share of it
+ * (``nulls``: the timeline's `null_proportions`); null when the log has none (before format 3). */
+function familiesAboveChance(proportions, nulls) {
+  if (!nulls || !nulls.steps.length) return null;
+  const at = new Map(nulls.steps.map((step, i) => [step, i]));
+  return Object.fromEntries(Object.entries(proportions.series).map(([family, shares]) => [family,
+    proportions.steps.map((step, i) => (at.has(step)
+      ? aboveChance(shares[i], Object.values(nulls.series).map((rows) => rows[at.get(step)]?.[family]), Math.max)
+      : null))]));
+}
 
 /**
  * 2. A layer over its snapshots: stacked cluster proportions (top edge = clustered fraction)
- * with the null's clustered fraction; median dissimilarity and its null on an axis of their
- * own; variance entropy (weights lens) on a third.
+ * with both nulls' clustered fractions; each family's share above chance; median dissimilarity
+ * and its nulls; variance entropy (weights lens): each on an axis of its own.
  */
 function drawTimeline(node, data, { captions: withCaptions = true } = {}) {
   const notes = [errorList(data.errors)];
@@ -348,6 +385,7 @@ function drawTimeline(node, data, { captions: withCaptions = true } = {}) {
   const figures = fraction?.series ?? {};
   const pairs = (steps, values) => steps.map((step, i) => [step, values[i] ?? null]);
   const structure = hasValues(figures.median_dissimilarity) || hasValues(figures.null_median_dissimilarity);
+  const families = familiesAboveChance(proportions, data.null_proportions);
   const entropy = quality && hasValues(quality.series.variance_entropy);
   const allSteps = [proportions.steps, fraction?.steps ?? [], quality?.steps ?? []].flat();
   if (!allSteps.length) {
@@ -360,6 +398,7 @@ function drawTimeline(node, data, { captions: withCaptions = true } = {}) {
 
   // Grids stacked top to bottom, pixel heights; the step axis is labelled on the last only.
   const panels = [{ height: 220, name: "share of kernels" }];
+  if (families) panels.push({ height: 120, name: "above chance" });
   if (structure) panels.push({ height: 120, name: "median 1 − cos" });
   if (entropy) panels.push({ height: 90, name: "var. entropy" });
   let top = 28;
@@ -384,12 +423,27 @@ function drawTimeline(node, data, { captions: withCaptions = true } = {}) {
     lineStyle: { width: 0.5 }, color: safeColour(state.meta.colours[cluster]), xAxisIndex: 0, yAxisIndex: 0,
     data: pairs(proportions.steps, values),
   }));
-  if (fraction && hasValues(figures.null_clustered_fraction)) {
-    series.push({
-      name: "null: clustered fraction", type: "line", symbol: "none", z: 4, xAxisIndex: 0, yAxisIndex: 0,
-      lineStyle: { type: "dashed", width: 1.5, color: "#212121" }, color: "#212121",
-      data: pairs(fraction.steps, figures.null_clustered_fraction),
+  const nullLine = (line, figure, axis) => ({
+    name: `${line.name}: ${figure.replaceAll("_", " ")}`, type: "line", symbol: "none", z: 4, xAxisIndex: axis,
+    yAxisIndex: axis, lineStyle: { type: line.type, width: line.width, color: line.colour }, color: line.colour,
+    data: pairs(fraction.steps, figures[line.prefix + figure]),
+  });
+  for (const line of NULL_LINES) {
+    if (fraction && hasValues(figures[`${line.prefix}clustered_fraction`])) series.push(nullLine(line, "clustered_fraction", 0));
+  }
+  if (families) {
+    const index = yAxes.length;
+    yAxes.push({
+      type: "value", gridIndex: index, ...axisName(panels[index].name), axisLabel: { formatter: (v) => num(v, 2) },
+      min: (v) => Math.min(-0.1, floorTo(v.min, 0.1)), max: (v) => Math.max(0.1, ceilTo(v.max, 0.1)),
     });
+    for (const [family, values] of Object.entries(families)) {
+      if (!hasValues(values)) continue;
+      series.push({
+        name: family, type: "line", symbol: single ? "circle" : "none", xAxisIndex: index, yAxisIndex: index,
+        lineStyle: { width: 1.5 }, color: safeColour(state.meta.colours[family]), data: pairs(proportions.steps, values),
+      });
+    }
   }
   if (structure) {
     const index = yAxes.length;
@@ -402,11 +456,10 @@ function drawTimeline(node, data, { captions: withCaptions = true } = {}) {
     series.push({
       name: "median dissimilarity", type: "line", symbol: "circle", symbolSize: 4, xAxisIndex: index, yAxisIndex: index,
       lineStyle: { width: 2, color: "#08306b" }, color: "#08306b", data: pairs(fraction.steps, figures.median_dissimilarity),
-    }, {
-      name: "null: median dissimilarity", type: "line", symbol: "none", xAxisIndex: index, yAxisIndex: index,
-      lineStyle: { width: 1.5, type: "dashed", color: "#757575" }, color: "#757575",
-      data: pairs(fraction.steps, figures.null_median_dissimilarity),
     });
+    for (const line of NULL_LINES) {
+      if (hasValues(figures[`${line.prefix}median_dissimilarity`])) series.push(nullLine(line, "median_dissimilarity", index));
+    }
   }
   if (entropy) {
     const index = yAxes.length;
@@ -422,9 +475,13 @@ function drawTimeline(node, data, { captions: withCaptions = true } = {}) {
   const box = chartBox(node, height);
   const captions = [el("p", { className: "kw-caption" },
     "Areas: each pattern family's share of the layer's kernels; their top edge is the clustered fraction.",
-    structure ? " Below: median dissimilarity, 1 − cos to the nearest DoG prototype (lower is closer to a pattern)." : "",
+    families ? " Above chance: each family's share less the stricter null's share of it; which families beat chance, " +
+      "smoothness included." : "",
+    structure ? " Median 1 − cos: dissimilarity to the nearest DoG prototype (lower is closer to a pattern)." : "",
     entropy ? " Bottom: variance entropy (about 0.9 for a healthy trained layer, 1 and above random-like, near 0 degenerate)." : "")];
-  if (structure || hasValues(figures.null_clustered_fraction)) captions.push(el("p", { className: "kw-caption" }, `Dashed: ${NULL_NOTE}`));
+  if (structure || hasValues(figures.null_clustered_fraction)) {
+    captions.push(el("p", { className: "kw-caption" }, `Dashed: the shuffled null; dotted: the smooth null. ${NULL_NOTE}`));
+  }
   show(node, ...notes, box, ...(withCaptions ? captions : []));
   chartOf(box).setOption({
     animation: false,
