@@ -32,6 +32,13 @@
 3. classify: 50,000 7x7 kernels against the shipped 10,000-code spectrum, kernelwatch's index
    against brute force (``bench_classify.py``: each side in its own process, the two alternating
    over three rounds), same decisions.
+4. process: what a further snapshot costs the process, as a user's process pays it: the whole
+   process's CPU (the operating system's account of a finished child process) of a training of
+   ``convnext_atto`` (batch 32, 64 px, ``--steps-per-snapshot`` optimiser steps then a snapshot,
+   32 times, every feature at its default, ``close()`` included) less the same with 8 snapshots,
+   less the same two trainings without KernelWatch, over 24. The first snapshot and ``close()``
+   fall out of the difference. The four trainings run in a new order each repeat; the median over
+   repeats.
 
 Timing-sensitive: run it with nothing else busy on the machine.
 """
@@ -41,6 +48,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -224,6 +232,47 @@ def part_overhead(epochs: int, steps: int, repeats: int) -> None:
         )
 
 
+def process_child(snapshots: int, watch: bool, steps: int) -> None:
+    """One training of ``part_process``, in a process of its own."""
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = synthetic_batches(steps, 32, 64)
+    with tempfile.TemporaryDirectory() as log_dir:
+        kernelwatch = KernelWatch(log_dir) if watch else None
+        for step in range(snapshots):
+            train_epoch(model, optimizer, batches)
+            if kernelwatch is not None:
+                kernelwatch.snapshot(model, step)
+        if kernelwatch is not None:
+            kernelwatch.close()
+
+
+def part_process(steps: int, repeats: int, long: int = 32, short: int = 8) -> None:
+    print(
+        f"\n== process CPU per further snapshot: convnext_atto, {steps} step(s) of batch 32 at 64 px per snapshot, "
+        f"({long} - {short} snapshots) - (the same without KernelWatch), over {long - short} =="
+    )
+
+    def cpu_of(snapshots: int, watch: bool) -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        command = [sys.executable, __file__, "--process-child", str(snapshots), str(int(watch)), str(steps)]
+        subprocess.run(command, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+    runs = [(long, True), (short, True), (long, False), (short, False)]
+    costs = []
+    for repeat in range(repeats):
+        turn = repeat % len(runs)
+        cpu = {run: cpu_of(*run) for run in runs[turn:] + runs[:turn]}
+        costs.append(((cpu[long, True] - cpu[short, True]) - (cpu[long, False] - cpu[short, False])) / (long - short))
+        print(f"  repeat {repeat}: " + ", ".join(f"{n} snapshots{'' if w else ' unwatched'} {c:.2f} s" for (n, w), c in cpu.items())
+              + f" -> {1000 * costs[-1]:.1f} ms")  # fmt: skip
+    print(f"process CPU per further snapshot: {1000 * statistics.median(costs):.1f} ms (median of {repeats}; "
+          f"repeats {', '.join(f'{1000 * c:.0f}' for c in costs)} ms)")  # fmt: skip
+
+
 def part_classify(kernels: int, repeats: int) -> None:
     print(f"\n== classify {kernels:,} 7x7 kernels: kernelwatch's index vs brute force ==")
     cmd = [sys.executable, str(HERE / "bench_classify.py"), "--kernels", str(kernels), "--repeats", str(repeats)]
@@ -233,8 +282,10 @@ def part_classify(kernels: int, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=("worker", "overhead", "classify"),
-                        default=["worker", "overhead", "classify"])
+    parser.add_argument("--parts", nargs="+", choices=("worker", "overhead", "classify", "process"),
+                        default=["worker", "overhead", "classify", "process"])
+    parser.add_argument("--steps-per-snapshot", type=int, default=1, help="optimiser steps before each snapshot (process)")
+    parser.add_argument("--process-child", nargs=3, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", default=["convnext_atto", "convnext_tiny", "convnext_base"])
     parser.add_argument("--cycle", type=int, default=20, help="snapshots after the first in the worker part")
     parser.add_argument("--epochs", type=int, default=10)
@@ -244,6 +295,10 @@ def main() -> None:
     args = parser.parse_args()
     # Random models trip the anomaly flags at every snapshot: log noise here.
     logging.getLogger("kernelwatch").setLevel(logging.ERROR)
+    if args.process_child:
+        snapshots, watch, steps = args.process_child
+        process_child(snapshots, bool(watch), steps)
+        return
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     if "worker" in args.parts:
         part_worker(args.models, args.cycle)
@@ -251,6 +306,8 @@ def main() -> None:
         part_overhead(args.epochs, args.steps, args.repeats)
     if "classify" in args.parts:
         part_classify(args.kernels, args.repeats)
+    if "process" in args.parts:
+        part_process(args.steps_per_snapshot, args.repeats)
 
 
 if __name__ == "__main__":

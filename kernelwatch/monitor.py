@@ -84,6 +84,7 @@ class _Snapshot:
     session_start: int | None = None
     stem: str | None = None  # the first-layer lens's conv, and the inputs it saw
     inputs: InputSample | None = None
+    done: threading.Event = field(default_factory=threading.Event)  # set once the worker is through with it
 
 
 class KernelWatch:
@@ -369,6 +370,10 @@ class KernelWatch:
             snapshot.session_start = step if self._resumed_after is None else self._resumed_after + 1
         # Blocks while queue_size snapshots wait: memory stays bounded, no snapshot is lost.
         self._queue.put(snapshot)
+        if _trains_on_every_core(model):
+            # The worker would take a core from the training, whose other OpenMP threads then
+            # spin at their next barrier: waiting costs the training as much time and half the CPU.
+            snapshot.done.wait(self.flush_timeout)
         return True
 
     def _copy(self, model: nn.Module, step: int) -> _Snapshot | None:
@@ -527,6 +532,8 @@ class KernelWatch:
             except BaseException as err:  # logged once (strict: raised at the next call); it stops the watch
                 self._fail(None if item is _STOP else item.step, err)
             finally:
+                if item is not _STOP:
+                    item.done.set()
                 self._queue.task_done()
 
     def _fail(self, step: int | None, err: BaseException) -> None:
@@ -719,6 +726,15 @@ def _use_one_torch_thread() -> None:
     restore = threading.Thread(target=torch.set_num_threads, args=(threads,), name="kernelwatch-threads")
     restore.start()
     restore.join()
+
+
+def _trains_on_every_core(model: nn.Module) -> bool:
+    """Whether ``model`` trains on the CPU with as many torch threads as this process has cores."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.device.type != "cpu":
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return torch.get_num_threads() >= cores
 
 
 def _is_main_process(accelerator: Any) -> bool:

@@ -253,6 +253,37 @@ def test_the_worker_runs_one_torch_thread_and_leaves_training_alone(tmp_path):
     assert done.stdout.split() == ["2", "1", "2", "True"]
 
 
+WAIT_CHILD = NET + """
+import os, sys, torch
+from kernelwatch.monitor import KernelWatch, _trains_on_every_core
+cores = len(os.sched_getaffinity(0))
+model = net(64)
+torch.set_num_threads(cores)
+with KernelWatch(sys.argv[1], every=1) as watch:
+    written = []
+    for step in range(3):
+        train_epoch(model, step)
+        watch.snapshot(model, step)
+        written.append(watch._written)  # without flush(): what the worker completed by now
+fewer = None
+if cores > 1:
+    torch.set_num_threads(cores - 1)
+    fewer = _trains_on_every_core(model)
+print(written, _trains_on_every_core(torch.nn.Conv2d(1, 1, 1, device="meta")), fewer)
+"""
+
+
+def test_a_cpu_training_on_every_core_waits_for_each_snapshot(tmp_path):
+    """The worker would take a core from a CPU training that uses them all (whose other OpenMP
+    threads then spin): snapshot() returns once its snapshot is written. With a core to spare,
+    or a model elsewhere, it does not wait."""
+    done = subprocess.run([sys.executable, "-c", WAIT_CHILD, str(tmp_path)], capture_output=True, text=True,
+                          env=ENV, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    written, meta, fewer = done.stdout.rsplit("]", 1)[0] + "]", *done.stdout.rsplit("]", 1)[1].split()
+    assert written == "[0, 1, 2]" and meta == "False" and fewer in ("False", "None")
+
+
 def test_sigterm_writes_every_queued_snapshot(tmp_path):
     command = [sys.executable, "-c", SIGTERM_CHILD, str(tmp_path)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=ENV)
@@ -529,7 +560,7 @@ def test_a_full_disk_stops_the_watch_not_the_training(tmp_path):
     """A full disk on the worker: one ERROR logged, the training goes on, the watch stops, and
     every snapshot written before stays readable. With strict=True: raised once, at the next call."""
     log_dirs = [tmp_path / "default", tmp_path / "strict"]
-    limit = "95000"  # bytes: 2 to 3 snapshots (the 3x3 spectrum record, written once, holds 237 label runs)
+    limit = "100000"  # bytes: 2 to 3 snapshots (the 3x3 spectrum record, written once, holds 237 label runs)
     done = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, limit, *map(str, log_dirs)], capture_output=True,
                           text=True, env=ENV, timeout=180)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -736,7 +767,7 @@ fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
 watch = KernelWatch(sys.argv[1], every=1, handle_sigterm=False, sprite_every=1, quality_every=1)
 if rank == 0:  # only the writer's disk fills
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (95000, resource.RLIM_INFINITY))  # the 3x3 spectrum record holds 237 label runs
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100000, resource.RLIM_INFINITY))  # the 3x3 spectrum record holds 237 label runs
 for epoch in range(5):
     if epoch:
         train_epoch(model, epoch)
