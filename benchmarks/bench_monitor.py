@@ -34,11 +34,12 @@
    over three rounds), same decisions.
 4. process: what a further snapshot costs the process, as a user's process pays it: the whole
    process's CPU (the operating system's account of a finished child process) of a training of
-   ``convnext_atto`` (batch 32, 64 px, ``--steps-per-snapshot`` optimiser steps then a snapshot,
-   32 times, every feature at its default, ``close()`` included) less the same with 8 snapshots,
-   less the same two trainings without KernelWatch, over 24. The first snapshot and ``close()``
-   fall out of the difference. The four trainings run in a new order each repeat; the median over
-   repeats.
+   ``convnext_atto`` (``--steps-per-snapshot`` optimiser steps then a snapshot, 32 times, every
+   feature at its default, ``close()`` included) less the same with 8 snapshots, less the same
+   two trainings without KernelWatch, over 24. The first snapshot and ``close()`` fall out of the
+   difference. The steps are short (batch 8, 32 px, every core): the CPU of a training of batch
+   32 at 64 px varied by up to 2x between runs on these VMs, which buried the snapshots' cost.
+   The four trainings run in a new order each repeat; the median over repeats.
 
 Timing-sensitive: run it with nothing else busy on the machine.
 """
@@ -232,12 +233,16 @@ def part_overhead(epochs: int, steps: int, repeats: int) -> None:
         )
 
 
+#: The process part's training step: short, so that its own variation leaves the snapshots' cost visible.
+PROCESS_BATCH, PROCESS_SIZE = 8, 32
+
+
 def process_child(snapshots: int, watch: bool, steps: int) -> None:
     """One training of ``part_process``, in a process of its own."""
     torch.manual_seed(0)
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = synthetic_batches(steps, 32, 64)
+    batches = synthetic_batches(steps, PROCESS_BATCH, PROCESS_SIZE)
     with tempfile.TemporaryDirectory() as log_dir:
         kernelwatch = KernelWatch(log_dir) if watch else None
         for step in range(snapshots):
@@ -250,7 +255,8 @@ def process_child(snapshots: int, watch: bool, steps: int) -> None:
 
 def part_process(steps: int, repeats: int, long: int = 32, short: int = 8) -> None:
     print(
-        f"\n== process CPU per further snapshot: convnext_atto, {steps} step(s) of batch 32 at 64 px per snapshot, "
+        f"\n== process CPU per further snapshot: convnext_atto, {steps} step(s) of batch {PROCESS_BATCH} at "
+        f"{PROCESS_SIZE} px per snapshot, "
         f"({long} - {short} snapshots) - (the same without KernelWatch), over {long - short} =="
     )
 

@@ -14,7 +14,7 @@ is measured twice per layer, with the same spectrum and threshold:
   first derivative is, so they beat the shuffled null easily; they cannot beat this one.
 
 Structure above chance is measured against the stricter of the two
-(:func:`kernelwatch.format.stricter_null`).
+(:func:`kernelwatch.format.chance_fraction`).
 
 >>> import torch, kernelwatch as kw
 >>> spectrum = kw.Spectrum.pretrained(5)
@@ -63,7 +63,7 @@ class Nulls(NamedTuple):
     smooth: NullLevel
 
 
-UNMEASURED = NullLevel(float("nan"), float("nan"), {})
+_UNMEASURED = NullLevel(float("nan"), float("nan"), {})
 
 
 def median_dissimilarity(result: ClassificationResult) -> float:
@@ -89,7 +89,7 @@ def median_dissimilarity(result: ClassificationResult) -> float:
 def null_level(result: ClassificationResult) -> NullLevel:
     """The :class:`NullLevel` of classified null kernels."""
     if not result.valid.any():
-        return UNMEASURED
+        return _UNMEASURED
     return NullLevel(float(result.clustered.mean()), median_dissimilarity(result), cluster_proportions(result.labels))
 
 
