@@ -33,13 +33,15 @@
    against brute force (``bench_classify.py``: each side in its own process, the two alternating
    over three rounds), same decisions.
 4. process: what a further snapshot costs the process, as a user's process pays it: the whole
-   process's CPU (the operating system's account of a finished child process) of a training of
+   process's CPU of a training of
    ``convnext_atto`` (``--steps-per-snapshot`` optimiser steps then a snapshot, 32 times, every
    feature at its default, ``close()`` included) less the same with 8 snapshots, less the same
    two trainings without KernelWatch, over 24. The first snapshot and ``close()`` fall out of the
-   difference. The steps are short (batch 8, 32 px, every core): the CPU of a training of batch
-   32 at 64 px varied by up to 2x between runs on these VMs, which buried the snapshots' cost.
-   The four trainings run in a new order each repeat; the median over repeats.
+   difference. Each training runs in a process of its own, whose CPU (every thread's) is counted
+   from its first step to its end: the seconds of starting Python and torch, the same in every
+   run, would only add their noise. The steps are short (batch 8, 32 px, every core): the CPU of
+   a training of batch 32 at 64 px varied by up to 2x between runs on these VMs, which buried the
+   snapshots' cost. The four trainings run in a new order each repeat; the median over repeats.
 
 Timing-sensitive: run it with nothing else busy on the machine.
 """
@@ -49,7 +51,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -244,6 +245,7 @@ def process_child(snapshots: int, watch: bool, steps: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = synthetic_batches(steps, PROCESS_BATCH, PROCESS_SIZE)
     with tempfile.TemporaryDirectory() as log_dir:
+        start = time.process_time()
         kernelwatch = KernelWatch(log_dir) if watch else None
         for step in range(snapshots):
             train_epoch(model, optimizer, batches)
@@ -251,6 +253,7 @@ def process_child(snapshots: int, watch: bool, steps: int) -> None:
                 kernelwatch.snapshot(model, step)
         if kernelwatch is not None:
             kernelwatch.close()
+        print(time.process_time() - start)
 
 
 def part_process(steps: int, repeats: int, long: int = 32, short: int = 8) -> None:
@@ -261,11 +264,8 @@ def part_process(steps: int, repeats: int, long: int = 32, short: int = 8) -> No
     )
 
     def cpu_of(snapshots: int, watch: bool) -> float:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         command = [sys.executable, __file__, "--process-child", str(snapshots), str(int(watch)), str(steps)]
-        subprocess.run(command, check=True)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
     runs = [(long, True), (short, True), (long, False), (short, False)]
     costs = []

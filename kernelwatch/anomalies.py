@@ -272,14 +272,16 @@ def _invalid(step: int, name: str, layer: LayerReport, config: AnomalyConfig) ->
 def _memorisation(
     step: int, name: str, layer: LayerReport, judged: Mapping[str, LayerReport], config: AnomalyConfig, lens: str
 ) -> Anomaly | None:
+    null = _null_level(layer, config)
+    fraction = layer.clustered_fraction
+    if fraction > null + config.null_margin:
+        return None
     others = [_above_chance(other, config) for key, other in judged.items() if key != name]
     if len(others) < config.min_neighbours:
         return None
     others_median = statistics.median(others)
-    null = _null_level(layer, config)
-    fraction = layer.clustered_fraction
     # Only against a structured model: early in training every layer sits at the null level.
-    if others_median < config.structured_fraction or fraction > null + config.null_margin:
+    if others_median < config.structured_fraction:
         return None
     k = layer.kernel_size
     chance = f"at the {_pct(null)} that chance gives (its {'kernels' if lens == WEIGHTS else 'updates'} "

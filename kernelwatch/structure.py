@@ -162,7 +162,9 @@ def _scatter(kernels: torch.Tensor) -> torch.Tensor:
     """The mean outer product ``w w^T`` of a layer's flattened kernels with no NaN or Inf
     (float64, on the CPU)."""
     flat = kernels.detach().flatten(1).double()
-    flat = flat[torch.isfinite(flat).all(dim=1)]
+    finite = torch.isfinite(flat).all(dim=1)
+    if not finite.all():
+        flat = flat[finite]
     return (flat.T @ flat).cpu() / max(len(flat), 1)
 
 
