@@ -10,6 +10,7 @@ passes 1 MB. Torch-free, like the format it reads.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -727,7 +728,8 @@ def _figures(value: dict[str, Any]) -> dict[str, Any]:
 
 
 def _integer(value: float | None) -> int | None:
-    return None if value is None or value != value else int(value)
+    # NaN and Inf have no integer (a malformed record may hold them).
+    return None if value is None or not math.isfinite(value) else int(value)
 
 
 def _round(value: float | None) -> float | None:
@@ -833,9 +835,10 @@ _UNORDERED = 1 << 62
 
 
 def _natural(name: str) -> list[Any]:
-    """Sort key that puts ``convs.2`` before ``convs.10``.
+    """Sort key that puts ``convs.2`` before ``convs.10``. Numbers are runs of decimal digits
+    (what ``int`` reads): ``str.isdigit`` also holds for ``²`` and ``①``, which ``int`` refuses.
 
-    >>> sorted(["convs.10", "convs.2", "convs.1"], key=_natural)
-    ['convs.1', 'convs.2', 'convs.10']
+    >>> sorted(["convs.10", "convs.2", "convs.1", "conv1²"], key=_natural)
+    ['conv1²', 'convs.1', 'convs.2', 'convs.10']
     """
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+    return [(0, int(part), "") if part.isdecimal() else (1, 0, part) for part in re.split(r"(\d+)", name)]
