@@ -413,6 +413,7 @@ def test_a_threshold_that_is_no_cosine_dissimilarity_is_refused(run, tmp_path: P
 def test_an_empty_log_dir_is_refused(run, tmp_path: Path) -> None:
     refused(analyze(run, saved(depthwise_state_dict())(tmp_path), "--log-dir", ""), "analyze", "--log-dir is empty")
     refused(command(run, "demo", "--quick", "--log-dir", ""), "demo", "the log dir is empty")
+    refused(command(run, "summary", ""), "summary", "the log directory is empty")
 
 
 @pytest.mark.parametrize(
