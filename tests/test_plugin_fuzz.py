@@ -478,6 +478,7 @@ def test_what_the_reader_keeps_follows_new_records(tmp_path, monkeypatch):
     write_run(tmp_path / "run1", snapshot(1))
     multiplexer.Reload()
     monkeypatch.setattr(reading, "INDEX_TTL", 0.0)
+    monkeypatch.setattr(reading, "INDEX_STALE", 0.0)
     assert {name: view() for name, view in views.items()} == dict.fromkeys(views, [0, 1])
 
 
