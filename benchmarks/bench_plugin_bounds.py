@@ -6,7 +6,7 @@ routes while the big ones are being read, on a fresh TensorBoard.
     .venv/bin/python benchmarks/bench_plugin_bounds.py [--log-dir DIR] [--snapshots 100000] [--layers 5000]
 
 Targets (issue 25): every route < 2 s, and a small run's routes < 0.5 s while the big ones are
-read. Each figure is the time of one GET as a browser sends it: "first" is the first request of
+read. Each figure is the time of one GET: "first" is the first request of
 its kind on a fresh TensorBoard (nothing of it read yet), "again" the same request right after.
 
 The log is written once into ``--log-dir`` (default: a temporary folder kept between runs):
@@ -182,10 +182,10 @@ class TensorBoard:
             try:
                 with urllib.request.urlopen(f"{self.base}/runs", timeout=60) as response:
                     runs = {r["run"]: r for r in json.load(response)["runs"]}
-                if all(runs.get(r, {}).get("max_step") == s for r, s in wanted.items()) and len(runs[WIDE]["layers"]) == layers:
-                    if sum(r.startswith("small") for r in runs) == SMALL_RUNS:
-                        time.sleep(3)  # the last anomaly records follow their layers
-                        return time.time() - started
+                steps = all(runs.get(r, {}).get("max_step") == s for r, s in wanted.items())
+                if steps and len(runs[WIDE]["layers"]) == layers and sum(r.startswith("small") for r in runs) == SMALL_RUNS:
+                    time.sleep(3)  # the last anomaly records follow their layers
+                    return time.time() - started
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(1)
@@ -198,20 +198,16 @@ class TensorBoard:
 
 def per_route(tb: TensorBoard, layers: int) -> list[tuple[str, float, float, int, int]]:
     last_wide = f"stages.{(layers - 1) // 100}.blocks.{(layers - 1) % 100}.dw"
-    asked = [
-        ("runs", None),
-        *((route, Steps()) for route in routes(LONG, LONG_LAYER)),
-        *((route, Steps()) for route in routes(WIDE, last_wide, stem=False)),
-        *((route, Steps()) for route in routes("small/00", "blocks.0.dw")),
-    ]
-    rows, steps = [], Steps()
-    for route, fresh in asked:
-        steps = steps if fresh is None or "{" in route else fresh
-        first, status, size = tb.get(route, steps)
-        again, _, _ = tb.get(route, steps)
-        route = route.format(**steps)
-        rows.append((route, first, again, status, size))
-        print(f"{route:<92} {first * 1000:9.1f} {again * 1000:9.1f} {status:4d} {size:9,d}", flush=True)
+    runs = ((LONG, LONG_LAYER, True), (WIDE, last_wide, False), ("small/00", "blocks.0.dw", True))
+    rows = []
+    for group in [["runs"], *(routes(run, layer, stem) for run, layer, stem in runs)]:
+        steps = Steps()  # what a run's listing answers offer, for its later routes
+        for route in group:
+            first, status, size = tb.get(route, steps)
+            again, _, _ = tb.get(route, steps)
+            route = route.format(**steps)
+            rows.append((route, first, again, status, size))
+            print(f"{route:<92} {first * 1000:9.1f} {again * 1000:9.1f} {status:4d} {size:9,d}", flush=True)
     return rows
 
 
@@ -251,7 +247,8 @@ def while_big_read(tb: TensorBoard, layers: int, rounds: int) -> list[float]:
           f"{len(small)} small-run answers, median {statistics.median(times) * 1000:.1f} ms, "
           f"p95 {np.percentile(times, 95) * 1000:.1f} ms, max {max(times) * 1000:.1f} ms")  # fmt: skip
     for label, answers in (("small", small), ("big", big_times)):
-        print(f"slowest {label} answers: " + ", ".join(f"{route} {t * 1000:.0f} ms" for t, route in sorted(answers)[-4:]))
+        slowest = ", ".join(f"{route} {t * 1000:.0f} ms" for t, route in sorted(answers)[-4:])
+        print(f"slowest {label} answers: {slowest}")
     return times
 
 

@@ -133,7 +133,9 @@ def _analyze(args: argparse.Namespace) -> int:
     # A cosine dissimilarity, 1 - cos: NaN, a negative or an infinite threshold clusters nothing
     # or everything without a word.
     if args.threshold is not None and not 0 < args.threshold <= 2:
-        raise KernelWatchError(f"--threshold {args.threshold}: expected a cosine dissimilarity (1 - cos) above 0 and at most 2")
+        raise KernelWatchError(
+            f"--threshold {args.threshold}: expected a cosine dissimilarity (1 - cos) above 0 and at most 2"
+        )
     steps = _parse_steps(args.steps, n_checkpoints)
     if args.plot:
         from kernelwatch.plots import check_plot_file

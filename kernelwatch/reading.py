@@ -412,8 +412,9 @@ class Reader:
         if thinned:
             errors.insert(
                 0,
-                f"more than {MAX_ANOMALY_RECORDS:,} snapshots have anomaly records: the flags of {MAX_ANOMALY_RECORDS:,} "
-                "of them, spread over the run with the latest, are shown; `kernelwatch summary` lists them all",
+                f"more than {MAX_ANOMALY_RECORDS:,} snapshots have anomaly records: the flags of "
+                f"{MAX_ANOMALY_RECORDS:,} of them, spread over the run with the latest, are shown; "
+                "`kernelwatch summary` lists them all",
             )
         checked = [datum.step for datum in series]
         sampled = self._at_limit(fmt.BLOB_SEQUENCE, len(series))

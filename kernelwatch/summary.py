@@ -53,7 +53,8 @@ def summarise(log_dir: str | os.PathLike[str]) -> dict[str, Any]:
         problems = [f"run {name}: {reason}" for name, reason in sorted(unread.items())] + errors
         reason = f"; {problems[0]}" if problems else ""
         raise KernelWatchError(f"no kernelwatch records could be read under {_shown(str(path))!r}{reason}")
-    runs.update({name: {"layers": {}, "first_layer": None, "anomalies": [], "errors": [reason]} for name, reason in unread.items()})
+    for name, reason in unread.items():
+        runs[name] = {"layers": {}, "first_layer": None, "anomalies": [], "errors": [reason]}
     return {"format_version": fmt.FORMAT_VERSION, "runs": dict(sorted(runs.items())), "errors": errors}
 
 
@@ -91,10 +92,10 @@ def _run_directories(log_dir: Path) -> tuple[dict[str, str], list[str]]:
 
 
 def _unloadable(run_dir: str, err: Exception) -> str:
-    """Why TensorBoard's loader could not read a run: the event file whose record claims more
-    bytes than the file holds when there is one (TensorBoard's data server stops serving every
-    run at such a file: docs/plugin.md), else the exception."""
-    for file in sorted(os.listdir(run_dir)):
+    """Why TensorBoard's loader could not read a run: out of memory, the event file whose record
+    claims more bytes than the file holds (TensorBoard's data server stops serving every run at
+    such a file: docs/plugin.md); else the exception."""
+    for file in sorted(os.listdir(run_dir)) if isinstance(err, MemoryError) else ():
         claim = _oversized_record(os.path.join(run_dir, file))
         if claim is not None:
             return (
@@ -175,7 +176,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
         lines += [f"  step {flag['step']} [{flag['severity']}] {flag['message']}" for flag in content["anomalies"]]
         lines += [f"  unreadable: {error}" for error in content["errors"]]
-    lines += [f"unreadable: {error}" for error in summary.get("errors", [])]
+    lines += [f"unreadable: {error}" for error in summary["errors"]]
     return "\n".join(lines)
 
 
