@@ -93,8 +93,8 @@ MAX_PROFILE_POINTS = 256
 # sample of that many points (``downsample``: spread over the run, the latest kept).
 #: Points of a sprite or first-layer series an answer lists (its slider's steps).
 MAX_LISTED = 2000
-#: Snapshots whose anomaly records one answer reads.
-MAX_ANOMALY_RECORDS = 100
+#: Snapshots whose anomaly records one answer reads: the newest listed.
+MAX_ANOMALY_RECORDS = 200
 #: First-layer reports read for one answer's timeline and profiles.
 MAX_FIRST_LAYER_REPORTS = 50
 #: Threads reading one answer's blobs. Each answer has its own, so that a small run's answers
@@ -123,6 +123,22 @@ class RunIndex:
     #: tag -> (max step, max wall time) in the listing: a series whose version is unchanged holds
     #: the same points, so what was read of it can be reused.
     versions: dict[str, tuple[int, float]] = field(default_factory=dict)
+    entry: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def describe(self) -> None:
+        """Make :attr:`entry`, the run in the ``runs`` answer, once per listing: the dashboard
+        asks for it every 5 s, and sorting 5,000 layers takes tens of ms."""
+        self.entry = {
+            "run": self.run,
+            "layers": self.layers(),
+            "lenses": self.lenses(),
+            "spectra": sorted(s for (kind, s, _) in self.tags if kind == fmt.SPECTRUM),
+            "has_anomalies": self.has(fmt.ANOMALIES),
+            "first_layer": self.layers([fmt.FIRST_LAYER]),
+            "max_step": self.max_step,
+            "updated": self.last_update,
+            "errors": _bounded(self.errors),
+        }
 
     def layers(self, kinds: Iterable[str] = _DEPTHWISE_KINDS, lens: str = fmt.WEIGHTS) -> list[str]:
         """Layers with records of any of ``kinds`` in ``lens`` (by default the classified,
@@ -205,6 +221,8 @@ class Reader:
             for run, series in lister(ctx, experiment_id=eid, plugin_name=fmt.PLUGIN_NAME).items():
                 _add_series(runs.setdefault(run, RunIndex(run)), data_class, series, self._parse)
         runs = dict(sorted(runs.items()))
+        for index in runs.values():
+            index.describe()
         with self._cache_lock:
             self._indexes[eid] = (now, runs)
         return runs
@@ -240,20 +258,7 @@ class Reader:
     def runs(self, ctx: Any, eid: str) -> dict[str, Any]:
         """Every run with its layers, lenses and spectra; ``updated`` is the wall time of its
         newest record, so the dashboard can open on the run that is training now."""
-        runs = [
-            {
-                "run": index.run,
-                "layers": index.layers(),
-                "lenses": index.lenses(),
-                "spectra": sorted(s for (kind, s, _) in index.tags if kind == fmt.SPECTRUM),
-                "has_anomalies": index.has(fmt.ANOMALIES),
-                "first_layer": index.layers([fmt.FIRST_LAYER]),
-                "max_step": index.max_step,
-                "updated": index.last_update,
-                "errors": _bounded(index.errors),
-            }
-            for index in self.index(ctx, eid).values()
-        ]
+        runs = [index.entry for index in self.index(ctx, eid).values()]
         return {
             "format_version": fmt.FORMAT_VERSION,
             "sampling": self.sampling(),
@@ -381,12 +386,14 @@ class Reader:
         self, ctx: Any, eid: str, index: RunIndex, bounded: bool
     ) -> tuple[tuple[list[dict[str, Any]], list[int], bool, list[str]], int]:
         """``((flags, checked steps, sampled, errors), cost)`` of a run's anomalies; ``bounded``,
-        of at most :data:`MAX_ANOMALY_RECORDS` snapshots."""
+        of the newest :data:`MAX_ANOMALY_RECORDS` snapshots listed (:meth:`_listed`)."""
         tag = index.tag(fmt.ANOMALIES)
-        series = self._blob_series(ctx, eid, index, tag, MAX_ANOMALY_RECORDS + 1 if bounded else None)
-        thinned = len(series) > MAX_ANOMALY_RECORDS and bounded
-        if thinned:
-            series = _thin(series, MAX_ANOMALY_RECORDS)
+        if bounded:
+            listed, thinned = self._listed(ctx, eid, index, tag)
+            series = listed[-MAX_ANOMALY_RECORDS:]
+        else:
+            listed, thinned = self._blob_series(ctx, eid, index, tag), False
+            series = listed
         info = index.infos[tag]
         # One blob per snapshot, read concurrently: 200 sequential reads take over a second.
         found = _concurrently(lambda datum: self._anomalies_of(ctx, index.run, tag, info, datum), series)
@@ -409,15 +416,19 @@ class Reader:
                 f"{omitted} anomaly flags of older snapshots are not shown: one answer holds at most "
                 f"{MAX_ANOMALIES} flags ({MAX_ANOMALY_BYTES:,} bytes); `kernelwatch summary` lists them all",
             )
-        if thinned:
+        if len(series) < len(listed):
+            which = (
+                f"the newest of a sample of {len(listed):,} spread over the run"
+                if thinned
+                else f"the newest of {len(listed):,}"
+            )
             errors.insert(
                 0,
-                f"more than {MAX_ANOMALY_RECORDS:,} snapshots have anomaly records: the flags of "
-                f"{MAX_ANOMALY_RECORDS:,} of them, spread over the run with the latest, are shown; "
+                f"the flags of {len(series):,} snapshots with anomaly records are shown, {which}; "
                 "`kernelwatch summary` lists them all",
             )
         checked = [datum.step for datum in series]
-        sampled = self._at_limit(fmt.BLOB_SEQUENCE, len(series))
+        sampled = self._at_limit(fmt.BLOB_SEQUENCE, len(listed))
         errors = _bounded(errors) if bounded else errors
         return (flags, checked, sampled, errors), _JSON_COST * (size + 16 * (len(flags) + len(checked)) + 1)
 
@@ -467,9 +478,10 @@ class Reader:
         tag = index.tag(fmt.FIRST_LAYER, layer)
         series, thinned = self._listed(ctx, eid, index, tag)
         datum = _at_step(series, step, f"first_layer record of {layer!r}", thinned)
-        report, _ = self._blob(ctx, run, tag, index.infos[tag], datum, "report")
         key = ("first_layer", eid, run, tag, index.versions.get(tag))
         timeline, profiles, errors = self._views.get_or_make(key, lambda: self._first_layer(ctx, index, tag, series))
+        # After the reports over time, among which the latest: read with them, not before them.
+        report, _ = self._blob(ctx, run, tag, index.infos[tag], datum, "report")
         shown = {name: value for name, value in report.items() if name not in _PROFILES}
         return {
             "run": run,

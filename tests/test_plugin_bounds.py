@@ -125,7 +125,8 @@ def test_no_route_reads_a_series_whole_and_every_list_is_bounded(long_log, bound
     assert len(anomalies["checked_steps"]) == BOUNDS["MAX_ANOMALY_RECORDS"]
     assert anomalies["checked_steps"][-1] == SNAPSHOTS - 1
     assert {flag["step"] for flag in anomalies["anomalies"]} <= {s for s in anomalies["checked_steps"] if s % 10 == 0}
-    assert "more than 10 snapshots have anomaly records" in anomalies["errors"][0]
+    assert anomalies["checked_steps"] == sorted(anomalies["checked_steps"])[-10:]  # the newest listed
+    assert "the flags of 10 snapshots with anomaly records are shown, the newest of a sample of 20" in anomalies["errors"][0]
 
     sprite = answer(reader.sprite, "l0", None, reads=1)
     assert len(sprite["steps"]) == BOUNDS["MAX_LISTED"] and sprite["step"] == SNAPSHOTS - 1 and sprite["thinned"]
@@ -264,3 +265,16 @@ def test_no_answer_waits_for_the_runs_to_be_listed_again(tmp_path, monkeypatch):
             break
         time.sleep(0.1)
     assert reader.runs(CTX, "")["runs"][0]["max_step"] == 3
+
+
+def test_the_runs_answer_is_made_once_per_listing(tmp_path, monkeypatch):
+    """The dashboard asks ``runs`` every 5 s; sorting a run of 5,000 layers took it tens of ms."""
+    long_run(tmp_path / "run", snapshots=2, layers=3)
+    reader = reading.Reader(CountingProvider(tmp_path), 0)
+    calls = []
+    layers = reading.RunIndex.layers
+    monkeypatch.setattr(reading.RunIndex, "layers", lambda self, *args: calls.append(args) or layers(self, *args))
+    first = reader.runs(CTX, "")
+    assert first["runs"][0]["layers"] == ["l0", "l1", "l2"] and calls
+    made = len(calls)
+    assert reader.runs(CTX, "") == first and len(calls) == made
