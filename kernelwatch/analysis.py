@@ -24,7 +24,7 @@ from kernelwatch._config import CLUSTERS
 from kernelwatch.classification import ClassificationResult
 from kernelwatch.errors import KernelWatchError
 from kernelwatch.extraction import extract_depthwise, load_checkpoint
-from kernelwatch.first_layer import FirstLayerReport, analyze_first_layer
+from kernelwatch.first_layer import FirstLayerReport, analyze_first_layer, stem_weight
 from kernelwatch.kernel_sizes import SizeApproach, spectrum_size, unservable_reason
 from kernelwatch.metrics import cluster_proportions, total_activation
 from kernelwatch.spectrum import Spectrum
@@ -312,14 +312,15 @@ def analyze(
 def first_layer_of(model_or_checkpoint: Any, depthwise: set[str]) -> tuple[FirstLayerReport | None, str]:
     """The first-layer report of a model or state dict, or None and why. A first convolution
     among the ``depthwise`` layers is no stem (None, no reason: the table stays as it was for
-    depthwise-only models); a stem that fails is reported, not raised."""
+    depthwise-only models), and is not measured; a stem that fails is reported, not raised."""
     try:
-        report = analyze_first_layer(model_or_checkpoint)
+        if isinstance(model_or_checkpoint, (str, os.PathLike)):  # loaded once for both calls
+            model_or_checkpoint = load_checkpoint(model_or_checkpoint)
+        if stem_weight(model_or_checkpoint)[0] in depthwise:
+            return None, ""
+        return analyze_first_layer(model_or_checkpoint), ""
     except KernelWatchError as err:
         return None, str(err)
-    if report.layer in depthwise:
-        return None, ""
-    return report, ""
 
 
 def _or_nan(value: float | None) -> float:

@@ -60,6 +60,7 @@ class CheckpointLog:
         self._detector = AnomalyDetector()
         self._last_step: int | None = None
         self._stem_previous: torch.Tensor | None = None
+        self._kernel_sizes: dict[str, tuple[tuple[int, ...], int]] = {}  # each layer's first size and its step
         self.anomalies: list[Anomaly] = []
 
     def add(self, step: int, model_or_checkpoint: Any) -> AnalysisReport:
@@ -70,6 +71,7 @@ class CheckpointLog:
             raise KernelWatchError(f"steps must increase: step {step} follows step {self._last_step}")
         kernels, conv_weights = _kernels_and_conv_weights(model_or_checkpoint)
         _check_analysable(kernels)
+        self._check_kernel_sizes(step, kernels)
         if self._last_step is None:
             self._writer.start_session(step)
         stem = None
@@ -92,6 +94,22 @@ class CheckpointLog:
         skipped = dict(kernels.unsupported)
         skipped.update((name, unservable_reason(k)) for name, k in written.no_spectrum.items())
         return AnalysisReport(list(written.reports.values()), skipped)
+
+    def _check_kernel_sizes(self, step: int, kernels: DepthwiseKernels) -> None:
+        """Refuse a checkpoint whose layer has other kernels than under the same name before:
+        another architecture, whose figures would join the layer's timeline (a timeline never
+        mixes kernel sizes; a watched training that changes them gets a series per size)."""
+        sizes = {name: tuple(layer.shape[-2:]) for name, layer in kernels.items()}
+        for name, size in sizes.items():
+            first, at = self._kernel_sizes.get(name, (size, step))
+            if first != size:
+                raise KernelWatchError(
+                    f"layer {name or '<root>'} has {size[0]}x{size[1]} kernels, but {first[0]}x{first[1]} at step {at}: "
+                    "the checkpoints of one run must be of one architecture; write the others to a --log-dir of "
+                    "their own"
+                )
+        for name, size in sizes.items():
+            self._kernel_sizes.setdefault(name, (size, step))
 
     def close(self) -> None:
         self._writer.close()

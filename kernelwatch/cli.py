@@ -120,14 +120,22 @@ def _load_weights(model: Any, name: str, weights: str) -> None:
 def _analyze(args: argparse.Namespace) -> int:
     weights = args.weights or []
     n_checkpoints = len(weights) or len(args.targets)
-    if n_checkpoints > 1 and not args.log_dir:
+    if args.log_dir == "":
+        raise KernelWatchError("--log-dir is empty: pass the directory to write the run to")
+    if n_checkpoints > 1 and args.log_dir is None:
         raise KernelWatchError(
             f"{n_checkpoints} checkpoints: write them as one run with --log-dir DIR, or analyse one at a time"
         )
-    if args.steps is not None and not args.log_dir:
+    if args.steps is not None and args.log_dir is None:
         raise KernelWatchError("--steps goes with --log-dir")
-    if args.threshold is not None and args.log_dir:
+    if args.threshold is not None and args.log_dir is not None:
         raise KernelWatchError("--threshold goes without --log-dir (a run is written with the spectra's own thresholds)")
+    # A cosine dissimilarity, 1 - cos: NaN, a negative or an infinite threshold clusters nothing
+    # or everything without a word.
+    if args.threshold is not None and not 0 < args.threshold <= 2:
+        raise KernelWatchError(
+            f"--threshold {args.threshold}: expected a cosine dissimilarity (1 - cos) above 0 and at most 2"
+        )
     steps = _parse_steps(args.steps, n_checkpoints)
     if args.plot:
         from kernelwatch.plots import check_plot_file
@@ -135,7 +143,7 @@ def _analyze(args: argparse.Namespace) -> int:
         check_plot_file(args.plot)
     targets = _load_targets(args.targets, weights)
     with _library_warnings_silenced():
-        if args.log_dir:
+        if args.log_dir is not None:
             from kernelwatch.analysis import first_layer_of
 
             report, target = _write_run(targets, args.log_dir, steps)

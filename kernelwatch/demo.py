@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from kernelwatch.errors import KernelWatchError
+from kernelwatch.format import MAX_STEP
 
 #: The arms, in the order they train in each turn.
 ARMS: tuple[str, ...] = ("default", "dog-init", "small-init", "memorise")
@@ -348,9 +349,11 @@ def check_log_dir(log_dir: str | os.PathLike[str], arms: tuple[str, ...] = ARMS)
     """Create ``log_dir`` if needed and check that it is writable and holds no earlier demo
     run (whose events TensorBoard would mix with the new ones); raise :class:`KernelWatchError` if not."""
     path = Path(log_dir)
-    if path.exists() and not path.is_dir():
-        raise KernelWatchError(f"log dir {str(path)!r} exists and is not a directory")
+    if not str(log_dir):  # Path("") is the working directory
+        raise KernelWatchError("the log dir is empty: pass a directory for the runs")
     try:
+        if path.exists() and not path.is_dir():
+            raise KernelWatchError(f"log dir {str(path)!r} exists and is not a directory")
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".kernelwatch-demo-write-test"
         probe.write_bytes(b"")
@@ -517,11 +520,13 @@ def run_demo(
     """
     config = QUICK if quick else DEFAULT
     if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise KernelWatchError(f"steps must be an integer >= 1, got {steps!r}")
+        # Steps are TensorBoard's int64 steps.
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEP:
+            raise KernelWatchError(f"steps must be an integer from 1 to 2**63 - 1, got {steps!r}")
         config = replace(config, steps=steps)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise KernelWatchError(f"seed must be an integer >= 0, got {seed!r}")
+    # torch takes seeds below 2**64, and the arms use seed + 2 too.
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise KernelWatchError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
     start = time.perf_counter()
     check_log_dir(log_dir, config.arms)
     if progress:

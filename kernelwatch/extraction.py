@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from kernelwatch.checkpoint_file import check_checkpoint_file
+from kernelwatch.checkpoint_file import check_checkpoint_file, check_checksums
 from kernelwatch.errors import KernelWatchError
 
 logger = logging.getLogger("kernelwatch")
@@ -101,6 +101,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
     """
     name = os.fspath(path)
     check_checkpoint_file(name)
+    check_checksums(name)
     try:
         content = _torch_load(name)
     except Exception as exc:  # torch.load reports damaged files through many unrelated exception types

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from kernelwatch.errors import KernelWatchError
+from kernelwatch.format import MAX_FIRST_LAYER_DIM, MAX_IN_CHANNELS, MAX_KERNEL_SIZE
 
 #: Patches :func:`analyze_first_layer` samples from ``data``.
 DEFAULT_PATCHES = 4096
@@ -123,6 +124,32 @@ def find_stem(model: nn.Module) -> tuple[str, nn.Conv2d]:
         if isinstance(module, nn.Conv2d):
             return name, module
     raise KernelWatchError(f"no nn.Conv2d in {type(model).__name__}: the first-layer lens needs a convolutional stem")
+
+
+def stem_limit_reason(shape: tuple[int, ...], stride: tuple[int, int] = (1, 1)) -> str | None:
+    """Why the lens reports no stem of weight ``shape`` ``[O, C, kh, kw]`` and ``stride``, or
+    None. Its record holds at most :data:`~kernelwatch.format.MAX_IN_CHANNELS` channels,
+    :data:`~kernelwatch.format.MAX_FIRST_LAYER_DIM` values per patch and sizes up to
+    :data:`~kernelwatch.format.MAX_KERNEL_SIZE`; the principal components of ``D = C x kh x kw``
+    values take ``D**2`` memory and ``D**3`` time (4x33x33: 31 s, 1x255x255: 31 GiB).
+
+    >>> stem_limit_reason((40, 3, 4, 4), (4, 4)) is None
+    True
+    >>> print(stem_limit_reason((8, 4, 33, 33)))
+    a 4x33x33 stem has 4,356 values per patch, over the first-layer lens's limit of 4,096
+    """
+    _, channels, kh, kw = (int(n) for n in shape)
+    if channels > MAX_IN_CHANNELS:
+        return f"a stem of {channels} input channels is over the first-layer lens's limit of {MAX_IN_CHANNELS}"
+    if max(kh, kw, *stride) > MAX_KERNEL_SIZE:
+        return f"a {kh}x{kw} stem of stride {tuple(stride)} is over the first-layer lens's limit of {MAX_KERNEL_SIZE}"
+    dim = channels * kh * kw
+    if dim > MAX_FIRST_LAYER_DIM:
+        return (
+            f"a {channels}x{kh}x{kw} stem has {dim:,} values per patch, over the first-layer lens's limit of "
+            f"{MAX_FIRST_LAYER_DIM:,}"
+        )
+    return None
 
 
 def _stem_of_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
@@ -231,7 +258,9 @@ def _pca(covariance: np.ndarray, n: int, source: str) -> PatchPCA:
     # call (35 ms of CPU per snapshot on the monitor's worker); torch's obey set_num_threads.
     values, vectors = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(covariance)))
     values = np.clip(values[::-1], 0.0, None)  # rounding can make the smallest slightly negative
-    vectors = np.ascontiguousarray(vectors[:, ::-1])
+    # A copy, not ascontiguousarray: numpy calls a reversed 1x1 array contiguous and keeps its
+    # negative stride, which torch.tensor refuses (a 1x1 stem of one channel).
+    vectors = vectors[:, ::-1].copy()
     for array in (values, vectors):  # shared by cached priors and by every report made from them
         array.setflags(write=False)
     return PatchPCA(values, vectors, n, source)
@@ -256,6 +285,9 @@ def first_layer_report(
     """
     w = _as_weight(weight)
     out_channels, in_channels, kh, kw = w.shape
+    reason = stem_limit_reason(w.shape, stride)
+    if reason is not None:
+        raise KernelWatchError(reason)
     if patches is None:
         pca = prior_pca(in_channels, (kh, kw))
     elif isinstance(patches, PatchPCA):
@@ -412,6 +444,26 @@ def _as_weight(weight: torch.Tensor | np.ndarray) -> np.ndarray:
 # -- models and checkpoints --------------------------------------------------------------------
 
 
+def stem_weight(
+    model_or_checkpoint: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str],
+) -> tuple[str, torch.Tensor, tuple[int, int]]:
+    """The stem of a model, state dict or checkpoint path: its name, weight and stride (1 for a
+    state dict, which does not tell it)."""
+    from kernelwatch.extraction import load_checkpoint, state_dict_of
+
+    if isinstance(model_or_checkpoint, nn.Module):
+        layer, conv = find_stem(model_or_checkpoint)
+        return layer, conv.weight, tuple(conv.stride)
+    if isinstance(model_or_checkpoint, (str, os.PathLike)):
+        return (*_stem_of_state_dict(load_checkpoint(model_or_checkpoint)), (1, 1))
+    if isinstance(model_or_checkpoint, Mapping):
+        return (*_stem_of_state_dict(state_dict_of(model_or_checkpoint, "state dict")), (1, 1))
+    raise KernelWatchError(
+        "analyze_first_layer expects an nn.Module, a state dict or a checkpoint path, "
+        f"got {type(model_or_checkpoint).__name__}"
+    )
+
+
 def analyze_first_layer(
     model_or_checkpoint: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str],
     data: torch.Tensor | np.ndarray | None = None,
@@ -428,22 +480,7 @@ def analyze_first_layer(
     >>> report.layer, report.source, report.n_patches
     ('0', 'data', 784)
     """
-    from kernelwatch.extraction import load_checkpoint, state_dict_of
-
-    if isinstance(model_or_checkpoint, nn.Module):
-        layer, conv = find_stem(model_or_checkpoint)
-        weight, stride = conv.weight, tuple(conv.stride)
-    elif isinstance(model_or_checkpoint, (str, os.PathLike)):
-        layer, weight = _stem_of_state_dict(load_checkpoint(model_or_checkpoint))
-        stride = (1, 1)
-    elif isinstance(model_or_checkpoint, Mapping):
-        layer, weight = _stem_of_state_dict(state_dict_of(model_or_checkpoint, "state dict"))
-        stride = (1, 1)
-    else:
-        raise KernelWatchError(
-            "analyze_first_layer expects an nn.Module, a state dict or a checkpoint path, "
-            f"got {type(model_or_checkpoint).__name__}"
-        )
+    layer, weight, stride = stem_weight(model_or_checkpoint)
     if weight.is_meta:
         raise KernelWatchError(f"the stem {layer or '<root>'} is on the meta device and holds no values")
     if weight.layout != torch.strided:  # e.g. a pruned checkpoint saved sparse

@@ -567,7 +567,7 @@ def check_json(value: Any, schema: Any, where: str) -> Any:
     if schema == _COLOUR:
         return value if isinstance(value, str) and COLOUR.fullmatch(value) else FALLBACK_COLOUR
     if schema == _NUMBER:
-        if not _is_number(value) or not math.isfinite(value):
+        if not _is_finite(value):
             raise FormatError(f"{where} must be a finite number, got {_short(value)}")
         return value
     if schema == _NAME:
@@ -809,6 +809,19 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    """A number that is finite as a float. JSON holds integers of any length, and
+    ``math.isfinite`` raises OverflowError for one beyond a float's range.
+
+    >>> _is_finite(3), _is_finite(float("inf")), _is_finite(10**400), _is_finite(True)
+    (True, False, False, False)
+    """
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _is_name(value: Any) -> bool:

@@ -422,7 +422,7 @@ class KernelWatch:
 
     def _watch_stem(self, model: nn.Module) -> None:
         """Hook the sampler onto the model's stem, at the first snapshot (once)."""
-        from kernelwatch.first_layer import find_stem
+        from kernelwatch.first_layer import find_stem, stem_limit_reason
 
         self._first_layer = False
         try:
@@ -432,6 +432,11 @@ class KernelWatch:
             return
         if is_depthwise(stem):  # as kw.analyze: a depthwise first conv is no stem
             logger.info("kernelwatch: no first-layer lens for this model (its first conv %r is depthwise)", name)
+            return
+        shape = (stem.out_channels, stem.in_channels // stem.groups, *stem.kernel_size)
+        reason = stem_limit_reason(shape, stem.stride)
+        if reason is not None:  # the lens is an extra: everything else is still watched
+            logger.warning("kernelwatch: no first-layer lens for this model (%s); every other record is written", reason)
             return
         self._sampler = PatchSampler(stem)
 

@@ -9,10 +9,12 @@ synthetic kernels and on real 5x5 kernels resampled to 7x7; its provenance says 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Mapping
@@ -47,6 +49,44 @@ _SYNTHETIC_MAX_NOISE = 0.4
 #: No family's calibrated threshold goes above this cosine dissimilarity, whatever the nulls allow.
 _MAX_FAMILY_THRESHOLD = 0.4
 _NULL_REPEATS = 4
+
+
+#: Bounds of pretraining's arguments, checked before anything is fetched or trained. Fewer
+#: codes (per curve) than patterns to tell apart leave families without a code; more codes or
+#: synthetic kernels than these do not fit in memory (7x7: 196 bytes each, several copies).
+MIN_CODES = 10
+MAX_CODES = 1_000_000
+MAX_SYNTHETIC = 10_000_000
+#: torch takes seeds below 2**64, and the recipe adds small offsets to the seed.
+MAX_SEED = 2**63 - 1
+
+
+def _check_integer(name: str, value: Any, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f">= {low:,}" if high is None else f"from {low:,} to {high:,}"
+        raise KernelWatchError(f"{name} must be an integer {bounds}, got {value!r}")
+
+
+def _check_output(output: str | os.PathLike[str]) -> None:
+    """Refuse an output the spectrum cannot be written to before any training: a directory, a
+    folder that cannot be made or written. Creates the missing folders, as saving would."""
+    path = Path(output)
+    if not str(output):
+        raise KernelWatchError("the spectrum's output file name is empty")
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "it is a directory")
+        folder = next(folder for folder in path.parents if folder.exists())
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{str(folder)!r} is a file, not a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            open(path, "ab").close()  # writable, and left as it is
+        else:
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+                pass
+    except OSError as err:
+        raise KernelWatchError(f"cannot write the spectrum to {str(path)!r}: {err.strerror or err}") from err
 
 
 def default_cache_dir() -> Path:
@@ -342,6 +382,11 @@ def pretrain(
     recipe = recipes.get(kernel_size, recipes[max(recipes)])
     epochs = recipe["epochs"] if epochs is None else epochs
     n_synthetic = recipe["n_synthetic"] if n_synthetic is None else n_synthetic
+    _check_integer("epochs", epochs, 1, None)
+    _check_integer("synthetic kernels", n_synthetic, 0, MAX_SYNTHETIC)
+    _check_integer("codes", n_codes, MIN_CODES * len(recipe.get("curves") or [None]), MAX_CODES)
+    _check_integer("seed", seed, 0, MAX_SEED)
+    _check_output(output)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -483,6 +528,8 @@ def pretrain_kmeans(
     assigned like with any spectrum (nearest centroid by centred cosine, null-calibrated
     threshold), which min-max encoding does not change since it is ``a * x + b`` with ``a > 0``.
     """
+    _check_integer("seed", seed, 0, MAX_SEED)
+    _check_output(output)
     started = time.time()
     data = training_set(kernel_size, 0, seed, cache_dir)
     centroids, assignment = kmeans(minmax_encode(data.real), n_clusters, seed)

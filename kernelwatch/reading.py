@@ -10,6 +10,9 @@ passes 1 MB. Torch-free, like the format it reads.
 
 from __future__ import annotations
 
+import bisect
+import logging
+import math
 import re
 import threading
 import time
@@ -26,6 +29,8 @@ from tensorboard.data import provider as tb_provider
 from kernelwatch import format as fmt
 from kernelwatch.sprites import CLUSTER_COLOURS
 
+logger = logging.getLogger(__name__)
+
 #: Ask for every point; the data provider's own reservoir is the only limit.
 _ALL = 1_000_000
 #: TensorBoard's reservoir sizes for a third-party plugin without ``--samples_per_plugin``:
@@ -35,6 +40,9 @@ SAMPLING_FLAG = f"--samples_per_plugin={fmt.PLUGIN_NAME}=0"
 #: Seconds a listing is reused. The dashboard asks ~5 routes at once, and TensorBoard reloads
 #: logs every 5 s by default, so a listing this old is as fresh as the data behind it.
 INDEX_TTL = 2.0
+#: Seconds an older listing is still answered from while the runs are listed again aside: the
+#: listing of a run of 5,000 layers (25,000 series) takes half a second, which no answer waits for.
+INDEX_STALE = 10.0
 # What the reader keeps of what it read, keyed by series version (RunIndex.versions), so never
 # stale. A call to TensorBoard's data server takes about 40 ms however small its answer, so a
 # dashboard that asks again, or for another step of a series, should not wait on one.
@@ -80,8 +88,21 @@ MAX_SPECTRUM_BYTES = 600_000
 #: points of each (principal components log-spaced: the profile is drawn on log-log axes).
 MAX_PROFILES = 6
 MAX_PROFILE_POINTS = 256
-#: Numbers in a first-layer timeline: its snapshots are thinned to fit.
-MAX_TIMELINE_NUMBERS = 50_000
+# Bounds of the work of one answer, whatever the run holds: listing 10^5 points takes the data
+# server seconds, and every blob is a call of its own. A longer series is read as TensorBoard's
+# sample of that many points (``downsample``: spread over the run, the latest kept).
+#: Points of a sprite or first-layer series an answer lists (its slider's steps).
+MAX_LISTED = 2000
+#: Snapshots whose anomaly records one answer reads: the newest listed.
+MAX_ANOMALY_RECORDS = 200
+#: First-layer reports read for one answer's timeline and profiles.
+MAX_FIRST_LAYER_REPORTS = 50
+#: Threads reading one answer's blobs. Each answer has its own, so that a small run's answers
+#: never wait behind a big run's reads.
+_READ_THREADS = 4
+#: Parsed metadata contents kept, so that listing the runs again parses only new series (a run
+#: of 5,000 layers has 25,000).
+_CACHED_CONTENTS = 200_000
 
 
 class NotFound(LookupError):
@@ -102,6 +123,22 @@ class RunIndex:
     #: tag -> (max step, max wall time) in the listing: a series whose version is unchanged holds
     #: the same points, so what was read of it can be reused.
     versions: dict[str, tuple[int, float]] = field(default_factory=dict)
+    entry: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def describe(self) -> None:
+        """Make :attr:`entry`, the run in the ``runs`` answer, once per listing: the dashboard
+        asks for it every 5 s, and sorting 5,000 layers takes tens of ms."""
+        self.entry = {
+            "run": self.run,
+            "layers": self.layers(),
+            "lenses": self.lenses(),
+            "spectra": sorted(s for (kind, s, _) in self.tags if kind == fmt.SPECTRUM),
+            "has_anomalies": self.has(fmt.ANOMALIES),
+            "first_layer": self.layers([fmt.FIRST_LAYER]),
+            "max_step": self.max_step,
+            "updated": self.last_update,
+            "errors": _bounded(self.errors),
+        }
 
     def layers(self, kinds: Iterable[str] = _DEPTHWISE_KINDS, lens: str = fmt.WEIGHTS) -> list[str]:
         """Layers with records of any of ``kinds`` in ``lens`` (by default the classified,
@@ -140,19 +177,24 @@ class Reader:
         self._blobs = _LRU(_CACHED_BLOB_BYTES)
         self._points = _LRU(_CACHED_POINTS)
         self._views = _LRU(_CACHED_VIEW_BYTES)
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kernelwatch-read")
+        self._contents = _LRU(_CACHED_CONTENTS)
 
     # -- listing -------------------------------------------------------------------------------
 
     def index(self, ctx: Any, eid: str) -> dict[str, RunIndex]:
         """Every run with kernelwatch series, from the provider's listings (no data read);
-        reused for :data:`INDEX_TTL` seconds. One request lists the runs again while the others
-        go on with the listing they have."""
+        reused for :data:`INDEX_TTL` seconds. Up to :data:`INDEX_STALE` seconds old it is
+        answered from while a thread lists the runs again; older, one request lists them again
+        while the others go on with the listing they have."""
         with self._cache_lock:
             cached = self._indexes.get(eid)
-        if cached and time.monotonic() - cached[0] < INDEX_TTL:
+        age = time.monotonic() - cached[0] if cached else math.inf
+        if age < INDEX_TTL:
             return cached[1]
         if not self._listing.acquire(blocking=cached is None):
+            return cached[1]
+        if age < INDEX_STALE:
+            threading.Thread(target=self._list_aside, args=(ctx, eid), name="kernelwatch-list", daemon=True).start()
             return cached[1]
         try:
             with self._cache_lock:
@@ -163,17 +205,41 @@ class Reader:
         finally:
             self._listing.release()
 
+    def _list_aside(self, ctx: Any, eid: str) -> None:
+        try:
+            self._list(ctx, eid)
+        except Exception as err:  # answers go on with the last listing; once it is too old, one says why
+            logger.warning("kernelwatch: listing the runs failed: %s: %s", type(err).__name__, err)
+        finally:
+            self._listing.release()
+
     def _list(self, ctx: Any, eid: str) -> dict[str, RunIndex]:
         now = time.monotonic()
         runs: dict[str, RunIndex] = {}
         listers = ((fmt.TENSOR, self._provider.list_tensors), (fmt.BLOB_SEQUENCE, self._provider.list_blob_sequences))
         for data_class, lister in listers:
             for run, series in lister(ctx, experiment_id=eid, plugin_name=fmt.PLUGIN_NAME).items():
-                _add_series(runs.setdefault(run, RunIndex(run)), data_class, series)
+                _add_series(runs.setdefault(run, RunIndex(run)), data_class, series, self._parse)
         runs = dict(sorted(runs.items()))
+        for index in runs.values():
+            index.describe()
         with self._cache_lock:
             self._indexes[eid] = (now, runs)
         return runs
+
+    def _parse(self, content: bytes, data_class: int) -> fmt.RecordInfo:
+        """:func:`fmt.parse_content`, once per distinct content and data class."""
+        key = (content, data_class)
+        found = self._contents.get(key)
+        if found is None:
+            try:
+                found = fmt.parse_content(content, data_class)
+            except fmt.FormatError as err:
+                found = str(err)
+            self._contents.put(key, found, 1)
+        if isinstance(found, str):
+            raise fmt.FormatError(found)
+        return found
 
     def run_index(self, ctx: Any, eid: str, run: str) -> RunIndex:
         # The full listing, not one filtered to the run: the fast loader answers a run-filtered
@@ -192,20 +258,7 @@ class Reader:
     def runs(self, ctx: Any, eid: str) -> dict[str, Any]:
         """Every run with its layers, lenses and spectra; ``updated`` is the wall time of its
         newest record, so the dashboard can open on the run that is training now."""
-        runs = [
-            {
-                "run": index.run,
-                "layers": index.layers(),
-                "lenses": index.lenses(),
-                "spectra": sorted(s for (kind, s, _) in index.tags if kind == fmt.SPECTRUM),
-                "has_anomalies": index.has(fmt.ANOMALIES),
-                "first_layer": index.layers([fmt.FIRST_LAYER]),
-                "max_step": index.max_step,
-                "updated": index.last_update,
-                "errors": _bounded(index.errors),
-            }
-            for index in self.index(ctx, eid).values()
-        ]
+        runs = [index.entry for index in self.index(ctx, eid).values()]
         return {
             "format_version": fmt.FORMAT_VERSION,
             "sampling": self.sampling(),
@@ -218,10 +271,13 @@ class Reader:
 
     def layers(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
         index = self.run_index(ctx, eid, run)
+        kinds: dict[str, set[str]] = {}
+        for kind, subject, _ in index.tags:
+            kinds.setdefault(subject, set()).add(kind)
         layers = [
             {
                 "layer": layer,
-                "kinds": sorted({kind for (kind, s, _) in index.tags if s == layer}),
+                "kinds": sorted(kinds[layer]),
                 "lenses": [lens for lens in fmt.LENSES if index.has(fmt.CLUSTERED_FRACTION, layer, lens)],
             }
             for layer in index.layers(_LAYER_KINDS)
@@ -236,14 +292,17 @@ class Reader:
         kinds = [k for k in _AXIS if index.has(k, layer, lens)]
         if not kinds:
             raise NotFound(f"run {run!r} has no timeline records for layer {layer!r} in the {lens} lens")
-        data, errors = self._tensors(ctx, eid, index, [index.tag(k, layer, lens) for k in kinds])
-        out: dict[str, Any] = {"run": run, "layer": layer, "lens": lens, "sampled": []}
+        data, errors = self._tensors(ctx, eid, index, [index.tag(k, layer, lens) for k in kinds], MAX_POINTS)
+        out: dict[str, Any] = {"run": run, "layer": layer, "lens": lens, "sampled": [], "thinned": []}
         out["errors"] = _bounded(index.errors + errors)
         for kind in kinds:
             tag = index.tag(kind, layer, lens)
             points = data.get(tag, [])
-            if self._at_limit(fmt.TENSOR, len(points)) or len(points) > MAX_POINTS:
+            thinned = len(points) > MAX_POINTS
+            if self._at_limit(fmt.TENSOR, len(points)) or thinned:
                 out["sampled"].append(kind)
+            if thinned:
+                out["thinned"].append(kind)
                 points = _thin(points, MAX_POINTS)
             names = fmt.CLUSTERED_FIELDS if kind == fmt.CLUSTERED_FRACTION else index.infos[tag].fields[_AXIS[kind]]
             out[kind] = {
@@ -264,7 +323,7 @@ class Reader:
         # record, so the versions of those records stand for all the heat map reads.
         versions = tuple(index.versions.get(index.tag(fmt.CLUSTERED_FRACTION, layer, lens)) for layer in layers)
         key = ("heatmap", eid, run, lens, measure, tuple(layers), versions)
-        steps, values, sampled, errors = self._views.get_or_make(
+        steps, values, sampled, thinned, errors = self._views.get_or_make(
             key, lambda: self._heatmap(ctx, eid, index, lens, measure, layers)
         )
         # Anomaly marks are drawn by the frontend from the anomalies route, which it asks for at
@@ -277,36 +336,41 @@ class Reader:
             "steps": steps,
             "values": values,
             "sampled_layers": sampled,
+            "thinned": thinned,
             "errors": _bounded(index.errors + errors),
         }
 
     def _heatmap(
         self, ctx: Any, eid: str, index: RunIndex, lens: str, measure: str, layers: list[str]
-    ) -> tuple[tuple[list[int], list[list[float | None]], int, list[str]], int]:
-        """``((steps, values, sampled layers, errors), cost)`` of a heat map."""
-        series = self._scalar_series(ctx, eid, index, lens, measure, layers)
+    ) -> tuple[tuple[list[int], list[list[float | None]], int, bool, list[str]], int]:
+        """``((steps, values, sampled layers, thinned, errors), cost)`` of a heat map: at most
+        :data:`MAX_POINTS` columns and :data:`MAX_HEATMAP_CELLS` cells, each layer read as a
+        sample of one more point than that (TensorBoard's: equally long series get the same
+        steps), so that a longer series is never read whole."""
+        columns = max(1, min(MAX_POINTS, MAX_HEATMAP_CELLS // max(len(layers), 1)))
+        series = self._scalar_series(ctx, eid, index, lens, measure, layers, columns)
         rest = [layer for layer in layers if layer not in series]
         tags = {layer: index.tag(fmt.CLUSTERED_FRACTION, layer, lens) for layer in rest}
-        data, errors = self._tensors(ctx, eid, index, tags.values())
+        data, errors = self._tensors(ctx, eid, index, tags.values(), columns)
         sampled = 0
         for layer, tag in tags.items():
             points = data.get(tag, [])
             sampled += self._at_limit(fmt.TENSOR, len(points))
             series[layer] = [(step, value[measure]) for step, value in points]
         steps = sorted({step for points in series.values() for step, _ in points})
-        if layers and len(layers) * len(steps) > MAX_HEATMAP_CELLS:
-            steps, sampled = _thin(steps, max(1, MAX_HEATMAP_CELLS // len(layers))), len(layers)
-        column = {step: i for i, step in enumerate(steps)}
+        thinned = len(steps) > columns
+        if thinned:
+            steps, sampled = _thin(steps, columns), len(layers)
         # A dense layers x steps matrix (null where a layer lacks a snapshot): half the bytes
-        # of [x, y, value] triples.
+        # of [x, y, value] triples. A column holds a layer's latest value since the column
+        # before: its very step, unless the steps were thinned.
         values = []
         for layer in layers:
             row: list[float | None] = [None] * len(steps)
             for step, value in series[layer]:
-                if step in column:
-                    row[column[step]] = _round(value)
+                row[bisect.bisect_left(steps, step)] = _round(value)
             values.append(row)
-        return (steps, values, sampled, errors), _JSON_COST * 8 * (len(layers) + 1) * (len(steps) + 1)
+        return (steps, values, sampled, thinned, errors), _JSON_COST * 8 * (len(layers) + 1) * (len(steps) + 1)
 
     def anomalies(self, ctx: Any, eid: str, run: str, *, bounded: bool = True) -> dict[str, Any]:
         """The anomaly flags of a run, newest snapshot first, each with its step; ``bounded`` (as
@@ -322,12 +386,18 @@ class Reader:
     def _anomalies(
         self, ctx: Any, eid: str, index: RunIndex, bounded: bool
     ) -> tuple[tuple[list[dict[str, Any]], list[int], bool, list[str]], int]:
-        """``((flags, checked steps, sampled, errors), cost)`` of a run's anomalies."""
+        """``((flags, checked steps, sampled, errors), cost)`` of a run's anomalies; ``bounded``,
+        of the newest :data:`MAX_ANOMALY_RECORDS` snapshots listed (:meth:`_listed`)."""
         tag = index.tag(fmt.ANOMALIES)
-        series = self._blob_series(ctx, eid, index, tag)
+        if bounded:
+            listed, thinned = self._listed(ctx, eid, index, tag)
+            series = listed[-MAX_ANOMALY_RECORDS:]
+        else:
+            listed, thinned = self._blob_series(ctx, eid, index, tag), False
+            series = listed
         info = index.infos[tag]
         # One blob per snapshot, read concurrently: 200 sequential reads take over a second.
-        found = list(self._pool.map(lambda datum: self._anomalies_of(ctx, index.run, tag, info, datum), series))
+        found = _concurrently(lambda datum: self._anomalies_of(ctx, index.run, tag, info, datum), series)
         flags, errors, size, omitted = [], [], 0, 0
         for datum, result in sorted(zip(series, found), key=lambda pair: -pair[0].step):
             if isinstance(result, fmt.FormatError):
@@ -347,19 +417,31 @@ class Reader:
                 f"{omitted} anomaly flags of older snapshots are not shown: one answer holds at most "
                 f"{MAX_ANOMALIES} flags ({MAX_ANOMALY_BYTES:,} bytes); `kernelwatch summary` lists them all",
             )
+        if len(series) < len(listed):
+            which = (
+                f"the newest of a sample of {len(listed):,} spread over the run"
+                if thinned
+                else f"the newest of {len(listed):,}"
+            )
+            errors.insert(
+                0,
+                f"the flags of {len(series):,} snapshots with anomaly records are shown, {which}; "
+                "`kernelwatch summary` lists them all",
+            )
         checked = [datum.step for datum in series]
-        sampled = self._at_limit(fmt.BLOB_SEQUENCE, len(series))
+        sampled = self._at_limit(fmt.BLOB_SEQUENCE, len(listed))
         errors = _bounded(errors) if bounded else errors
         return (flags, checked, sampled, errors), _JSON_COST * (size + 16 * (len(flags) + len(checked)) + 1)
 
     def sprite(
         self, ctx: Any, eid: str, run: str, layer: str, step: int | None, lens: str = fmt.WEIGHTS
     ) -> dict[str, Any]:
-        """The layout of a layer's sprite at ``step`` (the latest if None) and all sprite steps."""
+        """The layout of a layer's sprite at ``step`` (the latest if None) and the sprite steps
+        (:meth:`_listed`)."""
         index = self.run_index(ctx, eid, run)
         tag = index.tag(fmt.SPRITE, layer, lens)
-        series = self._blob_series(ctx, eid, index, tag)
-        datum = _at_step(series, step, f"sprite of {layer!r}")
+        series, thinned = self._listed(ctx, eid, index, tag)
+        datum = _at_step(series, step, f"sprite of {layer!r}", thinned)
         layout, _ = self._blob(ctx, run, tag, index.infos[tag], datum, "layout")
         return {
             "run": run,
@@ -368,7 +450,8 @@ class Reader:
             "step": datum.step,
             "steps": [d.step for d in series],
             "layout": layout,
-            "sampled": self._at_limit(fmt.BLOB_SEQUENCE, len(series)),
+            "sampled": self._at_limit(fmt.BLOB_SEQUENCE, len(series)) or thinned,
+            "thinned": thinned,
         }
 
     def sprite_png(
@@ -376,16 +459,17 @@ class Reader:
     ) -> bytes:
         index = self.run_index(ctx, eid, run)
         tag = index.tag(fmt.SPRITE, layer, lens)
-        datum = _at_step(self._blob_series(ctx, eid, index, tag), step, f"sprite of {layer!r}")
+        series, thinned = self._listed(ctx, eid, index, tag)
+        datum = _at_step(series, step, f"sprite of {layer!r}", thinned)
         return self._blob(ctx, run, tag, index.infos[tag], datum, "png")[0]
 
     def first_layer(
         self, ctx: Any, eid: str, run: str, layer: str | None = None, step: int | None = None
     ) -> dict[str, Any]:
         """The first-layer lens of a run's stem (``layer``, or the run's first): the report at
-        ``step`` (the latest if None) with every step that has one, the whitening score and
-        the reflections over all snapshots, and the energy profile against the whitening
-        prediction at up to :data:`MAX_PROFILES` snapshots."""
+        ``step`` (the latest if None) with the steps that have one (:meth:`_listed`), the
+        whitening score and the reflections over up to :data:`MAX_FIRST_LAYER_REPORTS` of them,
+        and the energy profile against the whitening prediction at up to :data:`MAX_PROFILES`."""
         index = self.run_index(ctx, eid, run)
         if layer is None:
             layers = index.layers([fmt.FIRST_LAYER])
@@ -393,11 +477,12 @@ class Reader:
                 raise NotFound(f"run {run!r} has no first_layer records")
             layer = layers[0]
         tag = index.tag(fmt.FIRST_LAYER, layer)
-        series = self._blob_series(ctx, eid, index, tag)
-        datum = _at_step(series, step, f"first_layer record of {layer!r}")
-        report, _ = self._blob(ctx, run, tag, index.infos[tag], datum, "report")
+        series, thinned = self._listed(ctx, eid, index, tag)
+        datum = _at_step(series, step, f"first_layer record of {layer!r}", thinned)
         key = ("first_layer", eid, run, tag, index.versions.get(tag))
         timeline, profiles, errors = self._views.get_or_make(key, lambda: self._first_layer(ctx, index, tag, series))
+        # After the reports over time, among which the latest: read with them, not before them.
+        report, _ = self._blob(ctx, run, tag, index.infos[tag], datum, "report")
         shown = {name: value for name, value in report.items() if name not in _PROFILES}
         return {
             "run": run,
@@ -407,14 +492,16 @@ class Reader:
             "report": shown,
             "timeline": timeline,
             "profiles": profiles,
-            "sampled": self._at_limit(fmt.BLOB_SEQUENCE, len(series)),
+            "sampled": self._at_limit(fmt.BLOB_SEQUENCE, len(series)) or thinned,
+            "thinned": thinned,
             "errors": _bounded(index.errors + errors),
         }
 
     def _first_layer(
         self, ctx: Any, index: RunIndex, tag: str, series: list[tb_provider.BlobSequenceDatum]
     ) -> tuple[tuple[dict[str, Any], list[dict[str, Any]], list[str]], int]:
-        """``((timeline, profiles, errors), cost)`` from every report of a first-layer series."""
+        """``((timeline, profiles, errors), cost)`` from the reports of a first-layer series, at
+        most :data:`MAX_FIRST_LAYER_REPORTS` of them spread over it (the first and last kept)."""
         info = index.infos[tag]
 
         def read(datum: tb_provider.BlobSequenceDatum) -> dict[str, Any] | fmt.FormatError:
@@ -423,18 +510,18 @@ class Reader:
             except fmt.FormatError as err:
                 return err
 
-        found = list(self._pool.map(read, series))
+        series = _thin(series, MAX_FIRST_LAYER_REPORTS)
+        found = _concurrently(read, series)
         errors = [f"{tag} at step {d.step}: {r}" for d, r in zip(series, found) if isinstance(r, fmt.FormatError)]
         reports = [(d.step, r) for d, r in zip(series, found) if not isinstance(r, fmt.FormatError)]
         channels = max((r["in_channels"] for _, r in reports), default=1)
-        points = _thin(reports, max(2, MAX_TIMELINE_NUMBERS // (5 + channels)))
         timeline = {
-            "steps": [step for step, _ in points],
-            "source": [r["source"] for _, r in points],
-            "whitening": [r["whitening"] for _, r in points],
-            "sharpness": [r["reflections"]["sharpness"] for _, r in points],
-            "noise": [r["reflections"]["noise"] for _, r in points],
-            "colour": [r["reflections"]["colour"] for _, r in points],
+            "steps": [step for step, _ in reports],
+            "source": [r["source"] for _, r in reports],
+            "whitening": [r["whitening"] for _, r in reports],
+            "sharpness": [r["reflections"]["sharpness"] for _, r in reports],
+            "noise": [r["reflections"]["noise"] for _, r in reports],
+            "colour": [r["reflections"]["colour"] for _, r in reports],
         }
         profiles = []
         for step, r in _thin(reports, MAX_PROFILES):
@@ -443,7 +530,7 @@ class Reader:
                 {"step": step, "component": [i + 1 for i in components], "source": r["source"]}
                 | {name: [r[name][i] for i in components] for name in _PROFILES}
             )
-        size = 16 * (len(points) * (5 + channels) + len(profiles) * 4 * MAX_PROFILE_POINTS)
+        size = 16 * (len(reports) * (5 + channels) + len(profiles) * 4 * MAX_PROFILE_POINTS)
         return (timeline, profiles, errors), _JSON_COST * size
 
     def first_layer_png(
@@ -451,7 +538,8 @@ class Reader:
     ) -> bytes:
         index = self.run_index(ctx, eid, run)
         tag = index.tag(fmt.FIRST_LAYER, layer)
-        datum = _at_step(self._blob_series(ctx, eid, index, tag), step, f"first_layer record of {layer!r}")
+        series, thinned = self._listed(ctx, eid, index, tag)
+        datum = _at_step(series, step, f"first_layer record of {layer!r}", thinned)
         return self._blob(ctx, run, tag, index.infos[tag], datum, "png")[0]
 
     def spectrum(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
@@ -461,7 +549,7 @@ class Reader:
         spectra, errors, size = [], [], 0
         for k in sorted(s for (kind, s, _) in index.tags if kind == fmt.SPECTRUM):
             tag = index.tag(fmt.SPECTRUM, k)
-            series = self._blob_series(ctx, eid, index, tag)
+            series = self._blob_series(ctx, eid, index, tag, 1)
             if not series:
                 continue
             datum = series[-1]
@@ -480,7 +568,7 @@ class Reader:
     def spectrum_png(self, ctx: Any, eid: str, run: str, kernel_size: int) -> bytes:
         index = self.run_index(ctx, eid, run)
         tag = index.tag(fmt.SPECTRUM, kernel_size)
-        series = self._blob_series(ctx, eid, index, tag)
+        series = self._blob_series(ctx, eid, index, tag, 1)
         if not series:
             raise NotFound(f"run {run!r} has no spectrum for {kernel_size}x{kernel_size} kernels")
         return self._blob(ctx, run, tag, index.infos[tag], series[-1], "png")[0]
@@ -545,7 +633,7 @@ class Reader:
     def _latest_first_layer(self, ctx: Any, eid: str, index: RunIndex, layer: str) -> dict[str, Any] | None:
         """The summary's first-layer entry: the stem's latest whitening and reflections."""
         tag = index.tag(fmt.FIRST_LAYER, layer)
-        series = self._blob_series(ctx, eid, index, tag)
+        series = self._blob_series(ctx, eid, index, tag, 1)
         if not series:
             return None
         report, _ = self._blob(ctx, index.run, tag, index.infos[tag], series[-1], "report")
@@ -555,15 +643,18 @@ class Reader:
     # -- helpers -------------------------------------------------------------------------------
 
     def _tensors(
-        self, ctx: Any, eid: str, index: RunIndex, tags: Iterable[str]
+        self, ctx: Any, eid: str, index: RunIndex, tags: Iterable[str], limit: int | None = None
     ) -> tuple[dict[str, list[tuple[int, Any]]], list[str]]:
-        """``tag -> [(step, decoded)]`` for tensor tags of a run; undecodable points become errors."""
-        keys = {tag: (eid, index.run, tag, index.versions.get(tag)) for tag in tags}
+        """``tag -> [(step, decoded)]`` for tensor tags of a run; undecodable points become
+        errors. With ``limit``, a series longer than that is TensorBoard's sample of one point
+        more (so that the caller can tell), never read whole."""
+        downsample = _ALL if limit is None else limit + 1
+        keys = {tag: (eid, index.run, tag, index.versions.get(tag), downsample) for tag in tags}
         found = {tag: self._points.get(key) for tag, key in keys.items()}
         missing = [tag for tag, cached in found.items() if cached is None]
         if missing:
             try:
-                read = self._read_tensors(ctx, eid, index.run, missing)
+                read = self._read_tensors(ctx, eid, index.run, missing, downsample)
                 unreadable = {}
             except _UNCONVERTIBLE:
                 # TensorBoard converts every point as it reads them, so one malformed tensor
@@ -571,7 +662,7 @@ class Reader:
                 read, unreadable = {}, {}
                 for tag in missing:
                     try:
-                        read.update(self._read_tensors(ctx, eid, index.run, [tag]))
+                        read.update(self._read_tensors(ctx, eid, index.run, [tag], downsample))
                     except _UNCONVERTIBLE as err:
                         unreadable[tag] = f"{tag}: TensorBoard cannot convert its tensors ({type(err).__name__}: {err})"
             for tag in missing:
@@ -579,21 +670,22 @@ class Reader:
                 self._points.put(keys[tag], found[tag], len(found[tag][0]) + 1)
         return {tag: points for tag, (points, _) in found.items()}, [e for _, errors in found.values() for e in errors]
 
-    def _read_tensors(self, ctx: Any, eid: str, run: str, tags: list[str]) -> dict[str, list[Any]]:
+    def _read_tensors(self, ctx: Any, eid: str, run: str, tags: list[str], downsample: int) -> dict[str, list[Any]]:
         return self._provider.read_tensors(
             ctx,
             experiment_id=eid,
             plugin_name=fmt.PLUGIN_NAME,
-            downsample=_ALL,
+            downsample=downsample,
             run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=tags),
         ).get(run, {})
 
     def _scalar_series(
-        self, ctx: Any, eid: str, index: RunIndex, lens: str, measure: str, layers: list[str]
+        self, ctx: Any, eid: str, index: RunIndex, lens: str, measure: str, layers: list[str], limit: int
     ) -> dict[str, list[tuple[int, float]]]:
         """A measure from the writer's stock scalars: ten times faster to read than tensors
-        through the fast loader. Layers without them, or whose series fills the scalars'
-        reservoir (so may be sampled), are left for the tensor records."""
+        through the fast loader. Layers without them, whose series fills the scalars'
+        reservoir (so may be sampled) or is longer than ``limit`` (read as a sample of one point
+        more), are left for the tensor records, which TensorBoard samples alike for every layer."""
         prefix = "" if lens == fmt.WEIGHTS else f"{lens}."
         tags = {fmt.scalar_tag(prefix + measure, layer): layer for layer in layers}
         try:
@@ -601,7 +693,7 @@ class Reader:
                 ctx,
                 experiment_id=eid,
                 plugin_name=_SCALARS,
-                downsample=_ALL,
+                downsample=limit + 1,
                 run_tag_filter=tb_provider.RunTagFilter(runs=[index.run], tags=list(tags)),
             ).get(index.run, {})
         except _UNCONVERTIBLE:  # a malformed scalar (Python loader): read the tensor records instead
@@ -609,22 +701,38 @@ class Reader:
         return {
             tags[tag]: [(point.step, point.value) for point in points]
             for tag, points in found.items()
-            if tag in tags and 0 < len(points) < _SCALAR_LIMIT
+            if tag in tags and 0 < len(points) <= limit and len(points) < _SCALAR_LIMIT
         }
 
-    def _blob_series(self, ctx: Any, eid: str, index: RunIndex, tag: str) -> list[tb_provider.BlobSequenceDatum]:
+    def _blob_series(
+        self, ctx: Any, eid: str, index: RunIndex, tag: str, limit: int | None = None
+    ) -> list[tb_provider.BlobSequenceDatum]:
+        """The points of a blob-sequence series; with ``limit``, TensorBoard's sample of at most
+        that many (spread over the series, the latest kept)."""
+        downsample = _ALL if limit is None else limit
+
         def read() -> tuple[list[tb_provider.BlobSequenceDatum], int]:
             series = self._provider.read_blob_sequences(
                 ctx,
                 experiment_id=eid,
                 plugin_name=fmt.PLUGIN_NAME,
-                downsample=_ALL,
+                downsample=downsample,
                 run_tag_filter=tb_provider.RunTagFilter(runs=[index.run], tags=[tag]),
             )
             series = list(series.get(index.run, {}).get(tag, []))
             return series, len(series) + 1
 
-        return self._series.get_or_make((eid, index.run, tag, index.versions.get(tag)), read)
+        return self._series.get_or_make((eid, index.run, tag, index.versions.get(tag), downsample), read)
+
+    def _listed(
+        self, ctx: Any, eid: str, index: RunIndex, tag: str
+    ) -> tuple[list[tb_provider.BlobSequenceDatum], bool]:
+        """A slider's series (sprites, first-layer records): at most :data:`MAX_LISTED` points,
+        spread over it with the first and last of TensorBoard's sample; whether it was thinned."""
+        series = self._blob_series(ctx, eid, index, tag, MAX_LISTED + 1)
+        if len(series) > MAX_LISTED:
+            return _thin(series, MAX_LISTED), True
+        return series, False
 
     def _blob(
         self, ctx: Any, run: str, tag: str, info: fmt.RecordInfo, datum: tb_provider.BlobSequenceDatum, name: str
@@ -664,6 +772,15 @@ class Reader:
         if self._hint == 0:
             return False
         return count in ((self._hint,) if self._hint else DEFAULT_LIMITS[data_class])
+
+
+def _concurrently(read: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``[read(item) for item in items]`` on threads of this call's own: each blob is a call to
+    the data server (tens of ms), and no answer waits on another answer's reads."""
+    if len(items) < 2:
+        return [read(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(items)), thread_name_prefix="kernelwatch-read") as pool:
+        return list(pool.map(read, items))
 
 
 def _decode_points(tag: str, info: fmt.RecordInfo, data: list[Any], unreadable: str | None) -> tuple[list, list[str]]:
@@ -755,7 +872,8 @@ def _families_above_chance(
 
 
 def _integer(value: float | None) -> int | None:
-    return None if value is None or value != value else int(value)
+    # NaN and Inf have no integer (a malformed record may hold them).
+    return None if value is None or not math.isfinite(value) else int(value)
 
 
 def _round(value: float | None) -> float | None:
@@ -814,7 +932,9 @@ def _log_spaced(n: int, limit: int) -> list[int]:
     return sorted({int(round(x)) - 1 for x in np.geomspace(1, n, limit)})
 
 
-def _at_step(series: list[tb_provider.BlobSequenceDatum], step: int | None, what: str) -> tb_provider.BlobSequenceDatum:
+def _at_step(
+    series: list[tb_provider.BlobSequenceDatum], step: int | None, what: str, thinned: bool = False
+) -> tb_provider.BlobSequenceDatum:
     if not series:
         raise NotFound(f"no {what} records")
     if step is None:
@@ -822,17 +942,21 @@ def _at_step(series: list[tb_provider.BlobSequenceDatum], step: int | None, what
     for datum in series:
         if datum.step == step:
             return datum
-    raise NotFound(f"no {what} at step {step}")
+    among = f" among the {len(series):,} read of a longer series (steps listed by this route)" if thinned else ""
+    raise NotFound(f"no {what} at step {step}{among}")
 
 
-def _add_series(index: RunIndex, data_class: int, series: dict[str, Any]) -> None:
-    """Parse a run's listed series into ``index``; unreadable metadata becomes an error."""
+def _add_series(
+    index: RunIndex, data_class: int, series: dict[str, Any], parse: Callable[[bytes, int], fmt.RecordInfo]
+) -> None:
+    """Parse a run's listed series into ``index`` with ``parse`` (:func:`fmt.parse_content`);
+    unreadable metadata becomes an error."""
     for tag, meta in series.items():
         index.max_step = max(index.max_step, meta.max_step)
         index.last_update = max(index.last_update, meta.max_wall_time)
         index.versions[tag] = (meta.max_step, meta.max_wall_time)
         try:
-            info = fmt.parse_content(meta.plugin_content, data_class)
+            info = parse(meta.plugin_content, data_class)
         except fmt.FormatError as err:
             index.errors.append(f"{_clip(tag)}: {err}")
             continue
@@ -861,9 +985,10 @@ _UNORDERED = 1 << 62
 
 
 def _natural(name: str) -> list[Any]:
-    """Sort key that puts ``convs.2`` before ``convs.10``.
+    """Sort key that puts ``convs.2`` before ``convs.10``. Numbers are runs of decimal digits
+    (what ``int`` reads): ``str.isdigit`` also holds for ``²`` and ``①``, which ``int`` refuses.
 
-    >>> sorted(["convs.10", "convs.2", "convs.1"], key=_natural)
-    ['convs.1', 'convs.2', 'convs.10']
+    >>> sorted(["convs.10", "convs.2", "convs.1", "conv1²"], key=_natural)
+    ['conv1²', 'convs.1', 'convs.2', 'convs.10']
     """
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+    return [(0, int(part), "") if part.isdecimal() else (1, 0, part) for part in re.split(r"(\d+)", name)]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,9 @@ from kernelwatch.errors import KernelWatchError
 
 #: The reference's file in the run's log directory (TensorBoard ignores it).
 REFERENCE_FILE = "kernelwatch-reference.npz"
+#: What ``np.load`` raises for a damaged file: an empty one (EOFError), a truncated or
+#: corrupted zip (BadZipFile, zlib.error), a member cut short, a header it cannot parse.
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 class UpdateReference:
@@ -77,7 +82,7 @@ class UpdateReference:
                 for i, (name, step) in enumerate(zip(header["layers"], header["steps"])):
                     reference.kernels[str(name)] = torch.from_numpy(data[f"k{i}"].astype(np.float32))
                     reference.steps[str(name)] = int(step)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except _UNREADABLE as err:
             raise KernelWatchError(f"cannot read the update lens's reference {str(path)!r}: {err}") from err
         return reference
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 from tensorboard import errors as tb_errors
 from tensorboard import plugin_util
 from tensorboard.backend import http_util
@@ -32,6 +33,12 @@ _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".txt": "text/pla
 #: The largest JSON answer; the reader bounds its views far below it, this is the last guard.
 MAX_ANSWER_BYTES = 1_000_000
 _MAX_MESSAGE = 1000
+#: What a route answers once TensorBoard's data server has stopped (docs/plugin.md).
+DATA_SERVER_DOWN = (
+    "TensorBoard's data server is not answering: it stops at an event file holding a record it cannot "
+    "read (one that claims more memory than there is). `kernelwatch summary LOGDIR` names such a file: "
+    "move it out of the log directory and restart TensorBoard"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +145,9 @@ class KernelWatchPlugin(base_plugin.TBPlugin):
         except tb_errors.PublicError as err:
             raise _ClientError(str(err), err.http_code if 400 <= err.http_code < 500 else 422) from err
         except Exception as err:  # the last guard: a bug or an unforeseen record never answers 500
+            if isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.UNAVAILABLE:
+                logger.warning("kernelwatch: %s failed: %s", request.full_path, DATA_SERVER_DOWN)
+                raise _ClientError(DATA_SERVER_DOWN, 422) from err
             logger.exception("kernelwatch: %s failed", request.full_path)
             raise _ClientError(
                 f"KernelWatch could not answer this request ({type(err).__name__}: {err}); "

@@ -74,11 +74,23 @@ def run(tmp_path: Path) -> Callable[..., Run]:
 
 
 def analyze(run: Callable[..., Run], *args: str) -> Run:
-    out = run("-m", "kernelwatch.cli", "analyze", *args)
+    return command(run, "analyze", *args)
+
+
+def command(run: Callable[..., Run], *args: str) -> Run:
+    out = run("-m", "kernelwatch.cli", *args)
     assert "Traceback" not in out.stderr, out.stderr
     assert out.network_attempts == ""
     assert out.cpu_seconds < CPU_LIMIT_S
     return out
+
+
+def refused(out: Run, command: str, *message: str) -> None:
+    """Exit 2 with one line on stderr that says ``message``."""
+    assert out.returncode == 2 and out.stdout == "", (out.returncode, out.stderr)
+    assert out.stderr.startswith(f"kernelwatch {command}: error: ") and out.stderr.count("\n") == 1, out.stderr
+    for part in message:
+        assert part in out.stderr, out.stderr
 
 
 # Checkpoint contents -------------------------------------------------------------------------
@@ -176,6 +188,19 @@ def holding_itself(directory: Path) -> str:
     return str(directory / "ckpt.pt")
 
 
+def crc_damaged(directory: Path) -> str:
+    """A zip checkpoint with one weight's byte flipped: the zip's CRC-32 no longer matches, and
+    torch.load, which does not check it, would read a changed weight."""
+    path = Path(saved(depthwise_state_dict())(directory))
+    with zipfile.ZipFile(path) as archive:
+        member = next(info for info in archive.infolist() if info.filename.endswith("/data/1"))  # dw.weight
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    data[member.header_offset + 30 + name_length + extra_length + 17] ^= 0x40
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
 def dcp_folder(directory: Path) -> str:
     (directory / ".metadata").write_bytes(b"")
     return str(directory)
@@ -202,6 +227,7 @@ REFUSED = [
     pytest.param(torchscript, ["TorchScript archive"], id="torchscript"),
     pytest.param(huge_declared_tensors, ["layer sparse: weight [1000000, 1, 1000, 1000] declares"], id="huge-dims"),
     pytest.param(record_smaller_than_declared, ["truncated or damaged", "record size"], id="short-record"),
+    pytest.param(crc_damaged, ["truncated or damaged", "fails its CRC-32 check"], id="crc-damaged-member"),
     pytest.param(holding_itself, ["holds no tensors"], id="dict-holding-itself"),
     pytest.param(
         saved(depthwise_state_dict(k=1)),
@@ -328,3 +354,97 @@ def test_an_unexpected_failure_is_one_line_and_exit_2(monkeypatch, capsys, tmp_p
     monkeypatch.setenv("KERNELWATCH_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         cli.main(["analyze", path])
+
+
+# Issue 25: what reached the catch-all "unexpected ..." line, or was accepted with exit 0 -------
+
+
+def two_architectures(directory: Path) -> list[str]:
+    """Checkpoints of a 5x5 and a 7x7 model with the same layer names."""
+    return [saved(depthwise_state_dict(k=k))(directory / f"k{k}") for k in (5, 7)]
+
+
+def test_checkpoints_of_two_architectures_are_not_merged_into_one_run(run, tmp_path: Path) -> None:
+    (tmp_path / "k5").mkdir()
+    (tmp_path / "k7").mkdir()
+    out = analyze(run, *two_architectures(tmp_path), "--log-dir", str(tmp_path / "run"))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines()[-1] == (
+        f"kernelwatch analyze: error: step 1 ({tmp_path / 'k7' / 'ckpt.pt'}): layer dw has 7x7 kernels, but 5x5 at "
+        f"step 0: the checkpoints of one run must be of one architecture; write the others to a --log-dir of their "
+        f"own; {tmp_path / 'run'} holds the steps before"
+    )
+    from kernelwatch.summary import summarise
+
+    series = summarise(tmp_path / "run")["runs"]["."]["layers"]["dw"]["series"]
+    assert [point["step"] for point in series] == [0]  # what was written before is kept
+
+
+def test_a_first_conv_of_1x1_kernels_and_a_kernel_of_255x255_are_analysed(run, tmp_path: Path) -> None:
+    """Before: a ValueError ("negative strides") from the 1x1 first conv, and a 31.5 GiB matrix
+    for the first-layer lens of a 255x255 depthwise kernel, which is no stem at all."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "big").mkdir()
+    mediapipe_like = saved({"a.weight": torch.randn(8, 1, 1, 1), "b.weight": torch.randn(16, 1, 3, 3)})(tmp_path / "one")
+    out = analyze(run, mediapipe_like)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert "skipped a: 1x1 kernel" in out.stdout and out.stdout.splitlines()[2].split()[:3] == ["b", "3", "16"]
+    out = analyze(run, saved({"dw.weight": torch.randn(4, 1, 255, 255)})(tmp_path / "big"))
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert "note: layer dw (255x255) read through its centre" in out.stdout and "first layer" not in out.stdout
+
+
+def test_a_stem_over_the_lens_limits_is_one_line_of_the_table(run, tmp_path: Path) -> None:
+    state_dict = {"stem.weight": torch.randn(8, 3, 63, 63), "dw.weight": torch.randn(16, 1, 3, 3)}
+    out = analyze(run, saved(state_dict)(tmp_path))
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.splitlines()[-1] == (
+        "first layer: first layer stem: a 3x63x63 stem has 11,907 values per patch, over the first-layer lens's "
+        "limit of 4,096"
+    )
+
+
+@pytest.mark.parametrize("threshold", ["nan", "-1", "1e999", "0", "2.5"])
+def test_a_threshold_that_is_no_cosine_dissimilarity_is_refused(run, tmp_path: Path, threshold: str) -> None:
+    out = analyze(run, saved(depthwise_state_dict())(tmp_path), f"--threshold={threshold}")
+    refused(out, "analyze", f"--threshold {float(threshold)}: expected a cosine dissimilarity (1 - cos) above 0")
+
+
+def test_an_empty_log_dir_is_refused(run, tmp_path: Path) -> None:
+    refused(analyze(run, saved(depthwise_state_dict())(tmp_path), "--log-dir", ""), "analyze", "--log-dir is empty")
+    refused(command(run, "demo", "--quick", "--log-dir", ""), "demo", "the log dir is empty")
+    refused(command(run, "summary", ""), "summary", "the log directory is empty")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", str(10**30)], "steps must be an integer from 1 to 2**63 - 1, got " + str(10**30)),
+        (["--seed", str(2**64)], f"seed must be an integer from 0 to 2**63 - 1, got {2**64}"),
+    ],
+)
+def test_demo_arguments_out_of_range_are_refused_before_training(run, tmp_path: Path, args, message) -> None:
+    refused(command(run, "demo", "--quick", "--log-dir", str(tmp_path / "demo"), *args), "demo", message)
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--codes", "0"], "codes must be an integer from 10 to 1,000,000, got 0"),
+        (["--epochs", "-1"], "epochs must be an integer >= 1, got -1"),
+        (["--synthetic", "-5"], "synthetic kernels must be an integer from 0 to 10,000,000, got -5"),
+        (["--seed", "-1"], "seed must be an integer from 0 to 9,223,372,036,854,775,807, got -1"),
+        (["--output", "{file}/spectrum.npz"], "cannot write the spectrum to '{file}/spectrum.npz': '{file}' is a file"),
+        (["--output", "{dir}"], "cannot write the spectrum to '{dir}': it is a directory"),
+    ],
+)
+def test_pretrain_refuses_bad_arguments_before_fetching_or_training(run, tmp_path: Path, args, message) -> None:
+    """Before: --codes 0 failed after 84 s of training, an unwritable --output after all of it,
+    and --epochs -1 wrote a spectrum of loss NaN. The network guard shows that nothing was fetched."""
+    (tmp_path / "file").write_text("")
+    where = {"file": tmp_path / "file", "dir": tmp_path}
+    args = [arg.format(**where) for arg in args]
+    out = command(run, "pretrain", "--kernel-size", "5", *args)
+    refused(out, "pretrain", message.format(**where))
+    assert not list(tmp_path.rglob("*.npz"))

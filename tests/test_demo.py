@@ -78,8 +78,8 @@ def test_quick_demo_dog_init_is_far_more_clustered_than_default(quick_run):
         (["--log-dir", "{file}/sub"], "cannot write to log dir"),
         (["--log-dir", "{file}"], "is not a directory"),
         (["--log-dir", "{used}"], "already holds TensorBoard events"),
-        (["--log-dir", "{tmp}/new", "--steps", "0"], "steps must be an integer >= 1"),
-        (["--log-dir", "{tmp}/new", "--seed", "-1"], "seed must be an integer >= 0"),
+        (["--log-dir", "{tmp}/new", "--steps", "0"], "steps must be an integer from 1 to 2**63 - 1, got 0"),
+        (["--log-dir", "{tmp}/new", "--seed", "-1"], "seed must be an integer from 0 to 2**63 - 1, got -1"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, says):

@@ -153,6 +153,35 @@ def test_a_model_whose_first_conv_is_depthwise_logs_one_line_and_carries_on(tmp_
     assert [(r["first_layer"], r["layers"]) for r in runs if r["run"] == tmp_path.name] == [([], ["0"])]
 
 
+UNREPORTABLE_STEMS = [
+    pytest.param(65, 3, "a stem of 65 input channels is over the first-layer lens's limit of 64", id="65-channels"),
+    pytest.param(4, 33, "a 4x33x33 stem has 4,356 values per patch, over the first-layer lens's limit of 4,096", id="4x33x33"),
+]
+
+
+@pytest.mark.parametrize(("channels", "k", "reason"), UNREPORTABLE_STEMS)
+def test_a_stem_the_lens_cannot_report_is_said_once_and_everything_else_is_watched(tmp_path, caplog, channels, k, reason):
+    """Before: the worker failed at step 0 and no layer got another snapshot; the 4x33x33 stem
+    also stalled the training for 31 s (issue 25)."""
+    model = nn.Sequential(nn.Conv2d(channels, 8, k), nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    with caplog.at_level(logging.INFO, logger="kernelwatch"), KernelWatch(tmp_path, handle_sigterm=False) as watch:
+        for step in range(3):
+            watch.snapshot(model, step)
+            model(torch.randn(2, channels, 40, 40))
+    lines = [r.getMessage() for r in caplog.records if "first-layer" in r.getMessage() or r.levelno >= logging.ERROR]
+    assert lines == [f"kernelwatch: no first-layer lens for this model ({reason}); every other record is written"]
+    assert not model[0]._forward_pre_hooks  # no patches sampled for a report that cannot be made
+    summary = summarise(tmp_path)["runs"]["."]
+    assert [point["step"] for point in summary["layers"]["1"]["series"]] == [0, 1, 2] and summary["first_layer"] is None
+    # A checkpoint of such a model, as `kernelwatch analyze --log-dir` writes it.
+    from kernelwatch.checkpoint_log import log_checkpoints
+
+    (report,) = log_checkpoints([model.state_dict()], tmp_path / "checkpoint")
+    assert report.layers[0].name == "1" and summarise(tmp_path / "checkpoint")["runs"]["."]["first_layer"] is None
+    with pytest.raises(KernelWatchError, match=reason):
+        first_layer_report(model[0].weight)
+
+
 def test_first_layer_false_writes_no_first_layer_records(tmp_path):
     model = stem_net()
     with KernelWatch(tmp_path, handle_sigterm=False, first_layer=False) as watch:

@@ -30,6 +30,7 @@ from kernelwatch.init import dog_
 from kernelwatch.metrics import layer_quality
 from kernelwatch.monitor import KernelWatch, _off_device, log_schedule
 from kernelwatch.spectrum import Spectrum
+from kernelwatch.update_lens import REFERENCE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -398,6 +399,30 @@ def test_a_resumed_run_continues_the_timeline(tmp_path):
             np.testing.assert_array_equal(a, b, err_msg=tag)
     with pytest.raises(KernelWatchError, match="before the first snapshot"):
         watch.load_state_dict(state["watch"])
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_update_reference_restarts_the_update_lens_and_the_training_goes_on(tmp_path, caplog, damage):
+    """Before: a 0-byte reference raised EOFError, a truncated one BadZipFile, out of
+    load_state_dict into the training (issue 25)."""
+    model = net()
+    with KernelWatch(tmp_path, every=1, handle_sigterm=False) as watch:
+        run_epochs(watch, model, range(3))
+        state = watch.state_dict()
+    reference = tmp_path / REFERENCE_FILE
+    reference.write_bytes(b"" if damage == "empty" else reference.read_bytes()[:300])
+    time.sleep(1.0)  # the resumed run's event file must sort after the first one's
+    watch = KernelWatch(tmp_path, every=1, handle_sigterm=False)
+    with caplog.at_level(logging.WARNING, logger="kernelwatch"):
+        watch.load_state_dict(state)
+    assert f"cannot read the update lens's reference {str(reference)!r}" in caplog.text
+    assert "the update lens restarts from this run's first snapshot" in caplog.text
+    assert run_epochs(watch, model, range(3, 6)) == [3, 4, 5]
+    watch.close()
+    records = read(tmp_path)
+    assert steps(records, fmt.make_tag(fmt.CLUSTERED_FRACTION, "1")) == [0, 1, 2, 3, 4, 5]
+    # The reference is the resumed run's first snapshot (3), which has no update of its own.
+    assert steps(records, fmt.make_tag(fmt.CLUSTERED_FRACTION, "1", lens=fmt.UPDATE)) == [1, 2, 4, 5]
 
 
 def dog_model() -> nn.Module:

@@ -27,10 +27,12 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
+from kernelwatch import cli
 from kernelwatch import format as fmt
 from kernelwatch import reading
 from kernelwatch.errors import KernelWatchError
 from kernelwatch.sprites import kernel_sprite, spectrum_strip
+from kernelwatch.summary import summarise
 
 import test_plugin_backend as backend
 from tensorboard_server import TensorBoard
@@ -111,6 +113,19 @@ def _json(value) -> bytes:
 
 ZEROS9 = arr(np.zeros(9, np.float32))
 GOOD_CF = arr(np.array([0.5, 64, 0, 5, 0.4, 0.1, 0.6, 0.2, 0.5]))
+#: Layer names with characters ``str.isdigit`` takes for digits and ``int`` refuses, in the order
+#: the dashboard lists them.
+UNICODE_DIGIT_LAYERS = ["conv1²", "conv2", "conv10", "①"]
+#: Valid JSON, and beyond a float's range: ``math.isfinite`` raises OverflowError for it.
+HUGE_INT = 10**4000
+
+
+def first_layer_report(**changes) -> bytes:
+    """A first-layer report of a 3x3x3 stem, as the writer writes it, with ``changes``."""
+    from kernelwatch.first_layer import first_layer_report as report
+
+    value = report(np.random.default_rng(0).standard_normal((8, 3, 3, 3)), layer="stem").to_json()
+    return json.dumps({**value, **changes}).encode()
 
 
 @functools.cache
@@ -256,6 +271,14 @@ def hostile_runs() -> dict[str, list[tuple]]:
             ("kernelwatch/" + "t" * 10_000, content(fmt.PROPORTIONS, "longtag"), T, ZEROS9),
             ("kernelwatch/proportions/nometa", None, T, ZEROS9),
         ],
+        # -- issue 25 --
+        "unicode_digits": [(tag(fmt.CLUSTERED_FRACTION, name), content(fmt.CLUSTERED_FRACTION, name), T, GOOD_CF)
+                           for name in UNICODE_DIGIT_LAYERS],
+        "huge_int": [
+            sprite_record(layout={**LAYOUT, "width": HUGE_INT}),
+            (tag(fmt.FIRST_LAYER, "stem"), content(fmt.FIRST_LAYER, "stem"), B, blobs(PNG, _json(first_layer_report(whitening=HUGE_INT))), 1),
+            (tag(fmt.FIRST_LAYER, "stem"), None, B, blobs(PNG, _json(first_layer_report())), 2),
+        ],
         "long": [
             (tag(kind, "dw"), content(kind, "dw") if step == 0 else None, T, value, step)
             for step in range(2500)
@@ -393,6 +416,35 @@ def test_reader_bounds(tmp_path, monkeypatch):
     assert len(anomalies["checked_steps"]) == 30
 
 
+def test_layer_names_whose_digits_int_refuses_are_listed(tmp_path):
+    """``str.isdigit`` holds for "²" and "①": a layer named "conv1²" made ``runs`` answer 422 for
+    every run, and ``kernelwatch summary`` fail (issue 25)."""
+    write_run(tmp_path / "odd", hostile_runs()["unicode_digits"])
+    write_run(tmp_path / "good", [(tag(fmt.CLUSTERED_FRACTION), content(fmt.CLUSTERED_FRACTION), T, GOOD_CF)])
+    runs = backend.get_json(backend.make_client(tmp_path), "runs")["runs"]
+    assert {r["run"]: r["layers"] for r in runs} == {"good": ["dw"], "odd": UNICODE_DIGIT_LAYERS}
+    assert list(summarise(tmp_path)["runs"]["odd"]["layers"]) == UNICODE_DIGIT_LAYERS
+
+
+def test_an_integer_beyond_a_float_is_one_unreadable_record(tmp_path, capsys):
+    """4,000 digits are valid JSON, and made ``math.isfinite`` raise OverflowError: the first-layer
+    route failed as a whole, and ``kernelwatch summary`` with "unexpected OverflowError" (issue 25)."""
+    write_run(tmp_path / "huge_int", hostile_runs()["huge_int"])
+    client = backend.make_client(tmp_path)
+    body = backend.get_json(client, "first_layer?run=huge_int")  # the latest report is good
+    assert body["steps"] == [1, 2] and body["timeline"]["steps"] == [2]
+    assert "at step 1" in body["errors"][0] and "whitening must be a finite number" in body["errors"][0]
+    assert "width must be a finite number" in backend.get_json(client, "sprite?run=huge_int&layer=dw", code=422)["error"]
+    with pytest.raises(fmt.FormatError, match="finite number"):
+        fmt.check_json(HUGE_INT, fmt._NUMBER, "x")
+    write_run(tmp_path / "latest_huge", [
+        (tag(fmt.FIRST_LAYER, "stem"), content(fmt.FIRST_LAYER, "stem"), B, blobs(PNG, first_layer_report(n_patches=HUGE_INT))),
+    ])  # fmt: skip
+    assert cli.main(["summary", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "first layer stem at step 2" in out and "n_patches must be a finite number" in out
+
+
 def test_what_the_reader_keeps_follows_new_records(tmp_path, monkeypatch):
     """Caches are keyed by each series' version in the listing: new snapshots are served."""
     from tensorboard import context
@@ -426,6 +478,7 @@ def test_what_the_reader_keeps_follows_new_records(tmp_path, monkeypatch):
     write_run(tmp_path / "run1", snapshot(1))
     multiplexer.Reload()
     monkeypatch.setattr(reading, "INDEX_TTL", 0.0)
+    monkeypatch.setattr(reading, "INDEX_STALE", 0.0)
     assert {name: view() for name, view in views.items()} == dict.fromkeys(views, [0, 1])
 
 

@@ -286,7 +286,10 @@ function drawHeatmap(node, data, anomalies, onPick, { captions = true } = {}) {
     show(node, ...notes, message(text, "info"));
     return;
   }
-  if (data.sampled_layers) {
+  if (data.thinned) {
+    notes.push(message(`More snapshots than columns: ${data.steps.length} steps spread over the run, ` +
+      "each cell a layer's latest value since the column before.", "info"));
+  } else if (data.sampled_layers) {
     notes.push(message(`${data.sampled_layers} layer(s) show a sample of their snapshots. ` +
       `Restart TensorBoard with ${state.meta.sampling.flag} to see all.`, "warning"));
   }
@@ -374,7 +377,9 @@ function familiesAboveChance(proportions, nulls) {
  */
 function drawTimeline(node, data, { captions: withCaptions = true } = {}) {
   const notes = [errorList(data.errors)];
-  if (data.sampled && data.sampled.length) {
+  if (data.thinned && data.thinned.length) {
+    notes.push(message("This layer has more snapshots than a timeline shows: a sample of them, spread over the run with the latest, is drawn.", "info"));
+  } else if (data.sampled && data.sampled.length) {
     notes.push(message(`Only a sample of this layer's snapshots is shown. Restart TensorBoard with ${state.meta.sampling.flag}.`, "warning"));
   }
   const { proportions, clustered_fraction: fraction, quality } = data;
@@ -665,7 +670,9 @@ async function drawSprite(node) {
     swatch.style.background = safeColour(g.colour, safeColour(state.meta.colours[family(g.label)]));
     return el("li", {}, swatch, `${shown(g.label)}: ${plural(g.count, "kernel")}${g.shown < g.count ? ` (${g.shown} shown)` : ""}`);
   }));
-  parts.notes.replaceChildren(...(data.sampled
+  parts.notes.replaceChildren(...(data.thinned
+    ? [message(`The slider holds ${steps.length} of this layer's sprites, spread over the run with the latest.`, "info")]
+    : data.sampled
     ? [message(`Only ${steps.length} sprites kept: TensorBoard sampled this series. Restart with ${state.meta.sampling.flag}.`, "warning")]
     : []));
   if (!parts.root.isConnected || node.firstChild !== parts.root) show(node, parts.root);
@@ -836,7 +843,8 @@ async function drawFirstLayer(node) {
     `Whitening ${num(report.whitening)} against ${report.source === "data" ? `${report.n_patches} sampled input patches` : "the natural-image prior"}; ` +
     `sharpness ${num(r.sharpness)}, noise ${num(r.noise)}, colour ${colourText}.`;
   parts.notes.replaceChildren(...[errorList(data.errors),
-    data.sampled ? message(`Only ${steps.length} first-layer records kept: TensorBoard sampled this series. Restart with ${state.meta.sampling.flag}.`, "warning") : null,
+    data.thinned ? message(`The slider holds ${steps.length} of the stem's records and the figures over time ${data.timeline.steps.length}, spread over the run with the latest.`, "info")
+      : data.sampled ? message(`Only ${steps.length} first-layer records kept: TensorBoard sampled this series. Restart with ${state.meta.sampling.flag}.`, "warning") : null,
   ].filter(Boolean));
   if (!parts.root.isConnected || node.firstChild !== parts.root) show(node, parts.root);
   drawProfiles(parts.profile, data.profiles);
