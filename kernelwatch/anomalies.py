@@ -48,7 +48,7 @@ class Anomaly:
     """One flag: where and when, what kind, how bad, a sentence for people and its figures."""
 
     step: int
-    layer: str
+    layer: str | None  # None: the model as a whole
     kind: str
     severity: str
     message: str
@@ -200,12 +200,14 @@ def detect(
     lists them), ``history`` the clustered fraction per layer of earlier snapshots, ``updates``
     the reports of the update lens (each layer's ``W_t - W_first``).
 
-    Rules (a) and (b) also run on the update lens while the weights are unstructured (their
-    median structure above chance below ``structured_fraction``): early in a training from a random
-    start the weights are unstructured everywhere, but the updates are not, so a layer into
-    which training writes no structure while it does into the others is flagged long before
-    the weights cross the threshold. A layer gets at most one flag of each kind, and one flagged memorisation-like
-    is not flagged as an outlier too (same evidence, one flag).
+    While the weights are unstructured (their median structure above chance below
+    ``structured_fraction``), the update lens is judged too: early in a training from a random
+    start the weights are unstructured everywhere, but the updates are not. Rule (b) runs on each
+    layer's update; rule (a) on the model (:func:`_memorising_model`): the first half of its
+    layers take updates with no structure beyond chance while the later layers' are structured,
+    what trainings that memorise a small dataset showed (docs/anomalies.md). A layer gets at most
+    one flag of each kind, and one flagged memorisation-like is not flagged as an outlier too
+    (same evidence, one flag).
 
     >>> from kernelwatch.analysis import LayerReport
     >>> dead = LayerReport("dw", 3, 32, 32, 0.0, {}, {})
@@ -234,8 +236,13 @@ def detect(
     )
     if updates and not weights_structured:
         lenses.append((UPDATE, {name: updates[name] for name in judged if name in updates}))
+        flag = _memorising_model(step, lenses[-1][1], config)
+        if flag:
+            out.append(flag)
     for rule in (_memorisation, _outlier):
         for lens, reports in lenses:
+            if rule is _memorisation and lens == UPDATE:
+                continue  # one layer's update at chance alone: as often a healthy layer learning late
             for name, layer in reports.items():
                 flag = None if name in flagged else rule(step, name, layer, reports, config, lens)
                 if flag:
@@ -308,6 +315,35 @@ def _memorisation(
             "n_others": float(len(others)),
             "n_kernels": float(layer.n_kernels),
             "update_lens": float(lens == UPDATE),
+        },
+    )
+
+
+def _memorising_model(step: int, updates: Mapping[str, LayerReport], config: AnomalyConfig) -> Anomaly | None:
+    """Rule (a) on the update lens, for the model: the first half of its layers (in model
+    order) take updates whose structure above chance is at most ``null_margin`` on average,
+    while the median of the later layers' is at least ``structured_fraction``."""
+    if len(updates) < 2 * config.min_neighbours:
+        return None
+    above = [_above_chance(layer, config) for layer in updates.values()]
+    half = len(above) // 2
+    early, late = statistics.fmean(above[:half]), statistics.median(above[half:])
+    if early > config.null_margin or late < config.structured_fraction:
+        return None
+    names = list(updates)
+    return Anomaly(
+        step, None, "memorisation", "warning",
+        f"the model looks memorisation-like: training writes no pattern into its first {half} depthwise layers "
+        f"({names[0]!r} to {names[half - 1]!r}): their updates since the first snapshot are a mean "
+        f"{_pct(early)} above chance (smooth or shuffled random kernels), while the later {len(above) - half} "
+        f"layers' are a median {_pct(late)} above it. Trainings that memorised a small dataset did this; "
+        "trainings that generalised wrote patterns into every layer (docs/anomalies.md)",
+        {
+            "early_above_chance": early,
+            "late_above_chance": late,
+            "n_early": float(half),
+            "n_late": float(len(above) - half),
+            "update_lens": 1.0,
         },
     )
 
@@ -465,11 +501,16 @@ class FirstLayerShift:
         self.streak = {str(k): int(v) for k, v in state.get("streak", {}).items()}
 
 
+#: Kinds the monitor reports only when :func:`detect` raised them at the snapshot before too.
+PERSISTENT = ("memorisation", "outlier")
+
+
 class AnomalyDetector:
     """:func:`detect` with the history kept: each :meth:`update` compares with the best
-    clustered fraction each layer reached at earlier updates, and reports a flag of the update
-    lens only when :func:`detect` raised it at the previous update too: in a healthy training a
-    layer's early update can lag the others' for one snapshot (the demo's small-init arm did).
+    clustered fraction each layer reached at earlier updates, and reports a memorisation or
+    outlier flag only when :func:`detect` raised it at the previous update too: in healthy
+    trainings a layer can lag the others for a snapshot (the demo's small-init arm's weights and
+    updates did).
 
     >>> from kernelwatch.analysis import LayerReport
     >>> detector = AnomalyDetector()
@@ -483,8 +524,8 @@ class AnomalyDetector:
         self.config = config or AnomalyConfig()
         # Regression compares with the best earlier value only, so that is all the history kept.
         self.best: dict[str, float] = {}
-        # (layer, kind) of the update-lens flags detect() raised at the previous update.
-        self.update_flags: set[tuple[str, str]] = set()
+        # (layer, kind) of the PERSISTENT flags detect() raised at the previous update.
+        self.update_flags: set[tuple[str | None, str]] = set()
         self.first_layer = FirstLayerShift(self.config)
 
     def update(
@@ -498,8 +539,8 @@ class AnomalyDetector:
         """Flags of one snapshot; with ``first_layer`` (the stem's report) and ``stem_update``
         (the reflections of the stem's update since the previous snapshot), also rule (e)."""
         found = detect(step, layers, [self.best], self.config, updates)
-        raised = {(a.layer, a.kind) for a in found if a.numbers.get("update_lens")}
-        anomalies = [a for a in found if not a.numbers.get("update_lens") or (a.layer, a.kind) in self.update_flags]
+        raised = {(a.layer, a.kind) for a in found if a.kind in PERSISTENT}
+        anomalies = [a for a in found if a.kind not in PERSISTENT or (a.layer, a.kind) in self.update_flags]
         self.update_flags = raised
         for name, layer in layers.items():
             self.best[name] = max(self.best.get(name, -math.inf), layer.clustered_fraction)
@@ -512,7 +553,7 @@ class AnomalyDetector:
         flags of the last update."""
         return {
             "best": dict(self.best),
-            "update_flags": sorted(map(list, self.update_flags)),
+            "update_flags": [list(flag) for flag in sorted(self.update_flags, key=lambda f: (f[0] or "", f[1]))],
             "first_layer": self.first_layer.state_dict(),
         }
 
@@ -520,7 +561,9 @@ class AnomalyDetector:
         """Resume from :meth:`state_dict`; the detector keeps its own config."""
         try:
             self.best = {str(name): float(value) for name, value in state["best"].items()}
-            self.update_flags = {(str(layer), str(kind)) for layer, kind in state.get("update_flags", [])}
+            self.update_flags = {
+                (None if layer is None else str(layer), str(kind)) for layer, kind in state.get("update_flags", [])
+            }
             self.first_layer.load_state_dict(state.get("first_layer", {}))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise KernelWatchError(f"not an AnomalyDetector state: {err}") from err

@@ -144,27 +144,30 @@ def dead_leaves(
     return np.ascontiguousarray(_blur(image, blur).transpose(2, 0, 1))
 
 
-def make_images(n_classes: int, size: int, seed: int) -> torch.Tensor:
-    """One dead-leaves image per class, each with its own scale, shape, orientation and blur
-    statistics; ``[n_classes, 3, size, size]``, normalised to zero mean and unit variance."""
+def make_images(n_classes: int, size: int, seed: int, per_class: int = 1) -> torch.Tensor:
+    """Dead-leaves images, ``per_class`` for each class, each class with its own scale, shape,
+    orientation and blur statistics; ``[n_classes, 3, size, size]`` for one image per class,
+    else ``[n_classes, per_class, 3, size, size]``; normalised to zero mean and unit variance.
+
+    >>> make_images(2, 16, seed=0, per_class=3).shape
+    torch.Size([2, 3, 3, 16, 16])
+    """
     rng = np.random.default_rng(seed)
     images = []
     for _ in range(n_classes):
         elongated = rng.random() < 0.6
-        images.append(
-            dead_leaves(
-                rng,
-                size,
-                exponent=rng.uniform(2.4, 3.4),
-                r_min=rng.uniform(1.0, 2.5),
-                aspect=rng.uniform(1.8, 4.0) if elongated else 1.0,
-                angle=rng.uniform(0, math.pi),
-                square=rng.random() < 0.35,
-                blur=rng.uniform(0.8, 1.8),
-            )
-        )
+        statistics = {
+            "exponent": rng.uniform(2.4, 3.4),
+            "r_min": rng.uniform(1.0, 2.5),
+            "aspect": rng.uniform(1.8, 4.0) if elongated else 1.0,
+            "angle": rng.uniform(0, math.pi),
+            "square": rng.random() < 0.35,
+            "blur": rng.uniform(0.8, 1.8),
+        }
+        images.append([dead_leaves(rng, size, **statistics) for _ in range(per_class)])
     images = torch.from_numpy(np.stack(images))
-    return (images - images.mean()) / images.std()
+    images = (images - images.mean()) / images.std()
+    return images[:, 0] if per_class == 1 else images
 
 
 def sample_crops(
