@@ -239,15 +239,15 @@ def detect(
         flag = _memorising_model(step, lenses[-1][1], config)
         if flag:
             out.append(flag)
-    for rule in (_memorisation, _outlier):
-        for lens, reports in lenses:
-            if rule is _memorisation and lens == UPDATE:
-                continue  # one layer's update at chance alone: as often a healthy layer learning late
-            for name, layer in reports.items():
-                flag = None if name in flagged else rule(step, name, layer, reports, config, lens)
-                if flag:
-                    flagged.add(name)
-                    out.append(flag)
+    # One layer's update at chance is no memorisation on its own: a healthy layer learning late
+    # looks the same; rule (a) judges the update lens model-wide (above).
+    checks = [(_memorisation, WEIGHTS, judged)] + [(_outlier, lens, reports) for lens, reports in lenses]
+    for rule, lens, reports in checks:
+        for name, layer in reports.items():
+            flag = None if name in flagged else rule(step, name, layer, reports, config, lens)
+            if flag:
+                flagged.add(name)
+                out.append(flag)
     best: dict[str, float] = {}
     for snapshot in history:
         for name, fraction in snapshot.items():
@@ -279,6 +279,7 @@ def _invalid(step: int, name: str, layer: LayerReport, config: AnomalyConfig) ->
 def _memorisation(
     step: int, name: str, layer: LayerReport, judged: Mapping[str, LayerReport], config: AnomalyConfig, lens: str
 ) -> Anomaly | None:
+    """Rule (a) on one layer of the weights (``lens`` is the rules' common signature's)."""
     null = _null_level(layer, config)
     fraction = layer.clustered_fraction
     if fraction > null + config.null_margin:
@@ -291,19 +292,11 @@ def _memorisation(
     if others_median < config.structured_fraction:
         return None
     k = layer.kernel_size
-    chance = f"at the {_pct(null)} that chance gives (its {'kernels' if lens == WEIGHTS else 'updates'} "
-    chance += "shuffled, or smooth random kernels as smooth as they are)"
-    if lens == WEIGHTS:
-        message = (
-            f"layer {name!r} looks memorisation-like: {_pct(fraction)} of its {k}x{k} kernels are clustered, "
-            f"{chance}, while the other {len(others)} layers are a median {_pct(others_median)} above chance"
-        )
-    else:
-        message = (
-            f"layer {name!r} looks memorisation-like: training writes no pattern into it. {_pct(fraction)} "
-            f"of its {k}x{k} kernels' updates since the first snapshot are clustered, {chance}, while the "
-            f"other {len(others)} layers' updates are a median {_pct(others_median)} above chance"
-        )
+    message = (
+        f"layer {name!r} looks memorisation-like: {_pct(fraction)} of its {k}x{k} kernels are clustered, at the "
+        f"{_pct(null)} that chance gives (its kernels shuffled, or smooth random kernels as smooth as they are), "
+        f"while the other {len(others)} layers are a median {_pct(others_median)} above chance"
+    )
     return Anomaly(
         step, name, "memorisation", "warning", message,
         {
@@ -314,7 +307,7 @@ def _memorisation(
             "others_above_chance": others_median,
             "n_others": float(len(others)),
             "n_kernels": float(layer.n_kernels),
-            "update_lens": float(lens == UPDATE),
+            "update_lens": 0.0,
         },
     )
 
